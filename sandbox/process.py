@@ -1,0 +1,5 @@
+"""Upstream's ``sandbox.process`` module."""
+
+from sandbox_asyncio import SandboxProcess, SandboxStream
+
+__all__ = ["SandboxProcess", "SandboxStream"]
