@@ -48,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_main(args_list[1:])
     args = _parser().parse_args(args_list)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.url and not args.debug:
+        # The embedded server's startup notes are for `sandbox serve`, not for one exec.
+        logging.getLogger("sandbox_server").setLevel(logging.ERROR)
     code = sys.stdin.read() if args.code == "-" else args.code
     try:
         return asyncio.run(_exec(args, code, forward_stdin=args.code != "-"))
@@ -112,12 +115,13 @@ async def _feed_stdin(process: SandboxProcess) -> None:
     """Forward our stdin to the process; at end of input, close its stdin if the server can."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[bytes] = asyncio.Queue()
+    fd = sys.stdin.fileno() if sys.stdin is not None else -1
 
     def reader() -> None:
         # A thread, because a terminal's stdin cannot be read without blocking portably.
         while True:
             try:
-                data = os.read(sys.stdin.fileno(), 65536)
+                data = os.read(fd, 65536)
             except (OSError, ValueError):
                 data = b""
             loop.call_soon_threadsafe(queue.put_nowait, data)

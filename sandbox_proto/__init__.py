@@ -70,6 +70,8 @@ from ._frames import (
 )
 from ._server import (
     ALL_EXTENSIONS,
+    MSG_TOKEN_INVALID,
+    MSG_TOKEN_MISSING,
     CheckpointRequested,
     Close,
     CloseStdinRequested,
@@ -95,6 +97,8 @@ __all__ = [
     "EXT_EXIT_CODE",
     "EXT_SEQ",
     "FATAL_STATUSES",
+    "MSG_TOKEN_INVALID",
+    "MSG_TOKEN_MISSING",
     "PROCESS_STATUSES",
     "CheckpointDone",
     "CheckpointRequest",

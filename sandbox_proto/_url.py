@@ -64,14 +64,18 @@ def cookie_header(jar: dict[str, str]) -> str | None:
 
 
 class RedactingFilter(logging.Filter):
-    """Hides ``sandbox_token=`` values in every record of the logger it is attached to.
+    """Hides tokens in every record of the logger it is attached to.
 
-    For the loggers handed to WebSocket libraries, which log request lines verbatim.
+    For the loggers handed to WebSocket libraries, which log request lines and
+    frames verbatim: the ``sandbox_token=`` query value, and the whole
+    ``sandbox_id`` frame (a library may elide its middle, leaving a token
+    fragment with no key in front of it).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "sandbox_token=" in message:
-            record.msg = redact(message)
-            record.args = ()
+        if '"sandbox_id"' in message:
+            record.msg, record.args = "[sandbox_id frame, redacted]", ()
+        elif "sandbox_token" in message:
+            record.msg, record.args = redact(message), ()
         return True

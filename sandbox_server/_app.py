@@ -1,0 +1,568 @@
+"""Routes and WebSocket connections: the thin layer between ``websockets`` and the sandboxes.
+
+Each WebSocket gets a :class:`sandbox_proto.ServerProtocol`, which owns the
+wire rules (dispatch, validation texts, DONE-iff-idle, extension fields);
+this module feeds it frames, acts on the requests it returns, and writes
+what it queues to the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request as HttpRequest
+from websockets.http11 import Response as HttpResponse
+
+from sandbox_proto import (
+    ALL_EXTENSIONS,
+    MSG_TOKEN_INVALID,
+    MSG_TOKEN_MISSING,
+    CheckpointRequested,
+    Close,
+    CloseStdinRequested,
+    ExecRequested,
+    KillProcessRequested,
+    KillSandboxRequested,
+    ReconnectRequested,
+    RedactingFilter,
+    ServerProtocol,
+    SnapshotRequested,
+    Status,
+    StdinReceived,
+)
+
+from ._sandbox import (
+    DEFAULT_OUTPUT_LIMIT,
+    CheckpointError,
+    CheckpointInProgressError,
+    Execution,
+    ExecutionStartError,
+    Sandbox,
+    SandboxManager,
+    SnapshotError,
+)
+
+__all__ = ["LocalServer"]
+
+logger = logging.getLogger("sandbox_server")
+
+ProtocolMode = Literal["upstream", "extended"]
+
+MAX_MESSAGE_SIZE = 16 * 2**20
+AFFINITY_COOKIE = "SANDBOX_AFFINITY"
+#: Frames sent per batch by a stream before yielding, so one exec cannot starve the loop.
+_BATCH = 256
+#: How long a deletion waits for a stream to send its DONE.
+_STREAM_END_TIMEOUT = 5.0
+
+
+_ws_logger = logging.getLogger("sandbox_server.websockets")
+if not any(isinstance(f, RedactingFilter) for f in _ws_logger.filters):
+    _ws_logger.addFilter(RedactingFilter())
+
+
+# --------------------------------------------------------------------------
+# routes
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    kind: Literal["create", "attach"]
+    sandbox_id: str = ""
+    token: str = field(default="", repr=False)
+
+
+def _parse_route(path: str) -> _Route | None:
+    """The WebSocket route of a request target, or ``None`` (HTTP 403, as upstream: 2.2, 2.3)."""
+    parts = urlsplit(path)
+    if parts.path == "/create":
+        return _Route("create")
+    prefix = "/attach/"
+    if parts.path.startswith(prefix):
+        raw_id = parts.path[len(prefix) :]
+        if not raw_id or "/" in raw_id:
+            return None
+        tokens = parse_qs(parts.query, keep_blank_values=True).get("sandbox_token")
+        if tokens is None:
+            return None
+        return _Route("attach", unquote(raw_id), tokens[-1])
+    return None
+
+
+def _json_response(connection: ServerConnection, status: int, body: dict[str, Any]) -> HttpResponse:
+    response = connection.respond(status, json.dumps(body, separators=(",", ":")))
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+
+def _is_upgrade(headers: Headers) -> bool:
+    return any(value.strip().lower() == "websocket" for value in headers.get_all("Upgrade"))
+
+
+# --------------------------------------------------------------------------
+# one WebSocket
+
+
+class _Connection:
+    """One client WebSocket: setup, then one frame at a time (S8), plus an output stream task."""
+
+    def __init__(self, server: LocalServer, ws: ServerConnection, *, create: bool) -> None:
+        self.server = server
+        self.manager = server.manager
+        self.ws = ws
+        self.proto = ServerProtocol(
+            create=create,
+            extensions=server.extensions,
+            checkpoint_enabled=self.manager.checkpoint_enabled,
+            snapshots_enabled=self.manager.snapshots_enabled,
+        )
+        self.sandbox: Sandbox | None = None
+        self._send_lock = asyncio.Lock()
+        self._forwarder: asyncio.Task[None] | None = None
+        #: Highest seq this connection has queued for sending.
+        self._cursor = 0
+        self._stdin_queue: asyncio.Queue[tuple[Execution, str | None]] = asyncio.Queue()
+        self._stdin_task: asyncio.Task[None] | None = None
+
+    # -- sending -------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Send what the protocol queued, in order, whichever task queued it."""
+        async with self._send_lock:
+            for item in self.proto.data_to_send():
+                try:
+                    if isinstance(item, Close):
+                        await self.ws.close(int(item))
+                    else:
+                        await self.ws.send(item)
+                except ConnectionClosed:
+                    return  # the read loop notices and cleans up
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self, route: _Route) -> None:
+        try:
+            ready = await self._create() if route.kind == "create" else await self._attach(route)
+            if ready:
+                async for message in self.ws:
+                    await self._handle(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._cleanup()
+
+    async def _create(self) -> bool:
+        options = self.proto.receive_init(await self.ws.recv())
+        if options is None:
+            await self.flush()
+            return False
+        try:
+            sandbox, token = self.manager.create(options)
+        except OSError as exc:
+            logger.error("cannot create a sandbox: %s", exc)
+            self.proto.fail_creation("Failed to create the sandbox directory.")
+            await self.flush()
+            return False
+        self.sandbox = sandbox
+        sandbox.observer = self
+        self.proto.send_sandbox_id(sandbox.id, token)
+        self.proto.send_running()
+        await self.flush()
+        return True
+
+    async def _attach(self, route: _Route) -> bool:
+        # Order of checks as upstream (7.2), with the status channel moved only on success (S3).
+        proto = self.proto
+        if not route.token:
+            proto.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_MISSING, close=4000)
+        elif (sandbox := self.manager.get(route.sandbox_id)) is None:
+            proto.send_status(Status.SANDBOX_NOT_FOUND)
+            proto.close(1011)
+        elif not sandbox.check_token(route.token):
+            proto.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_INVALID, close=4000)
+        elif sandbox.observer is not None:
+            proto.send_status(Status.SANDBOX_IN_USE)
+            proto.close(1011)
+        else:
+            self.sandbox = sandbox
+            sandbox.observer = self
+            sandbox.touch()
+            proto.sandbox_id = sandbox.id
+            proto.process = sandbox.phase()
+            proto.send_running()
+            logger.info("sandbox %s attached", sandbox.id)
+        await self.flush()
+        return self.sandbox is not None
+
+    async def _cleanup(self) -> None:
+        await self._stop_forwarder()
+        if self._stdin_task is not None:
+            self._stdin_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stdin_task
+        sandbox = self.sandbox
+        if sandbox is not None and sandbox.observer is self:
+            # Detached: the sandbox and its processes live on (1.1, 7.12).
+            sandbox.observer = None
+            if not sandbox.deleted:
+                logger.info("sandbox %s detached", sandbox.id)
+
+    # -- frames --------------------------------------------------------------
+
+    @property
+    def _streaming(self) -> bool:
+        return self._forwarder is not None and not self._forwarder.done()
+
+    async def _handle(self, message: str | bytes) -> None:
+        sandbox = self.sandbox
+        assert sandbox is not None
+        sandbox.touch()
+        if not self._streaming:
+            # Another connection, or no one, may have seen the last exec end.
+            self.proto.process = sandbox.phase()
+        request = self.proto.receive(message)
+        try:
+            await self._dispatch(sandbox, request)
+        except Exception:
+            # Upstream's unanticipated-error path (7.3.6), without internals in the text.
+            logger.exception("sandbox %s: request failed", sandbox.id)
+            self.proto.send_error(Status.SANDBOX_ERROR, "Internal server error.", close=4000)
+        await self.flush()
+
+    async def _dispatch(self, sandbox: Sandbox, request: object) -> None:
+        if isinstance(request, ExecRequested):
+            await self._exec(sandbox, request)
+        elif isinstance(request, StdinReceived):
+            self._queue_stdin(sandbox, request.data)
+        elif isinstance(request, CloseStdinRequested):
+            self._queue_stdin(sandbox, None)
+        elif isinstance(request, KillProcessRequested):
+            self._kill_process(sandbox)
+        elif isinstance(request, KillSandboxRequested):
+            await self._kill_sandbox(sandbox)
+        elif isinstance(request, ReconnectRequested):
+            await self._reconnect(sandbox, request.last_seq)
+        elif isinstance(request, CheckpointRequested):
+            await self._checkpoint(sandbox)
+        elif isinstance(request, SnapshotRequested):
+            await self._snapshot(sandbox, request.name)
+
+    async def _exec(self, sandbox: Sandbox, request: ExecRequested) -> None:
+        try:
+            execution = await sandbox.start_exec(request.language, request.code)
+        except ExecutionStartError as exc:
+            self.proto.reject_exec(Status.SANDBOX_EXECUTION_ERROR, str(exc))
+            return
+        await self._start_stream(execution, execution.first_seq - 1, report_gaps=False)
+
+    def _queue_stdin(self, sandbox: Sandbox, data: str | None) -> None:
+        # Writes go through one task per connection: in order, and a process
+        # that does not read its stdin cannot block the frame loop.
+        execution = sandbox.execution
+        if execution is None or not execution.running:
+            return
+        self._stdin_queue.put_nowait((execution, data))
+        if self._stdin_task is None:
+            self._stdin_task = asyncio.create_task(self._write_stdin_forever())
+
+    async def _write_stdin_forever(self) -> None:
+        while True:
+            execution, data = await self._stdin_queue.get()
+            if data is None:
+                execution.close_stdin()
+                continue
+            try:
+                await execution.write_stdin(data)
+            except OSError as exc:
+                self.proto.send_error(Status.SANDBOX_ERROR, f"Failed to write to stdin: {exc.strerror or exc}")
+                await self.flush()
+
+    def _kill_process(self, sandbox: Sandbox) -> None:
+        execution = sandbox.execution
+        if execution is not None and execution.running and not sandbox.deleted:
+            try:
+                execution.kill()
+            except OSError as exc:
+                logger.warning("sandbox %s: kill failed: %s", sandbox.id, exc)
+                self.proto.send_status(Status.SANDBOX_EXECUTION_FORCE_KILL_ERROR)
+                return
+        self.proto.send_status(Status.SANDBOX_EXECUTION_FORCE_KILLED)
+
+    async def _kill_sandbox(self, sandbox: Sandbox) -> None:
+        if sandbox.deleted:
+            self.proto.close(1000)  # no status at all when it is already gone (7.6)
+            return
+        self.proto.send_status(Status.SANDBOX_KILLING)
+        await self.flush()
+        try:
+            await self.manager.delete(sandbox)  # DELETING, [DONE], DELETED come through the observer
+        except Exception:
+            logger.exception("sandbox %s: kill failed", sandbox.id)
+            self.proto.send_status(Status.SANDBOX_KILL_ERROR)
+        else:
+            self.proto.send_status(Status.SANDBOX_KILLED)
+        self.proto.close(1000)
+
+    async def _checkpoint(self, sandbox: Sandbox) -> None:
+        self.proto.send_status(Status.SANDBOX_CHECKPOINTING)
+        await self.flush()
+        try:
+            await self.manager.checkpoint(sandbox)
+        except CheckpointInProgressError as exc:
+            self.proto.send_error(Status.SANDBOX_EXECUTION_IN_PROGRESS_ERROR, str(exc))
+        except CheckpointError as exc:
+            # S11: a sandbox that could not be checkpointed is kept.
+            self.proto.send_error(
+                Status.SANDBOX_CHECKPOINT_ERROR, f"Failed to checkpoint sandbox {sandbox.id}: {exc}", close=4000
+            )
+        else:
+            self.proto.send_status(Status.SANDBOX_CHECKPOINTED)
+            self.proto.close(1000)
+
+    async def _snapshot(self, sandbox: Sandbox, name: object) -> None:
+        self.proto.send_status(Status.SANDBOX_FILESYSTEM_SNAPSHOT_CREATING)
+        await self.flush()
+        try:
+            await self.manager.snapshot(sandbox, name)
+        except SnapshotError as exc:
+            message = f"Failed to snapshot filesystem for sandbox {sandbox.id}: {exc}"
+            self.proto.send_error(Status.SANDBOX_FILESYSTEM_SNAPSHOT_ERROR, message)
+        else:
+            self.proto.send_status(Status.SANDBOX_FILESYSTEM_SNAPSHOT_CREATED)
+
+    async def _reconnect(self, sandbox: Sandbox, last_seq: int | None) -> None:
+        """Resume the current exec's stream (7.12 case a), else exactly one DONE (S1)."""
+        execution = None if sandbox.deleted else sandbox.execution
+        if execution is None:
+            self.proto.send_done(None)
+            return
+        log = sandbox.log
+        if self._streaming:
+            resume = self._cursor if last_seq is None else min(last_seq, self._cursor)
+            await self._start_stream(execution, resume, report_gaps=last_seq is not None)
+            return
+        unsent = log.delivered < execution.last_seq
+        missed = last_seq is not None and last_seq < execution.last_seq
+        if (not execution.done_delivered and (execution.running or unsent)) or missed:
+            resume = log.delivered if last_seq is None else min(last_seq, log.delivered)
+            await self._start_stream(execution, resume, report_gaps=last_seq is not None)
+            return
+        exit_code = None
+        if not execution.running and (not execution.done_delivered or last_seq is not None):
+            exit_code = execution.exit_code
+        execution.done_delivered = True
+        self.proto.send_done(exit_code)
+
+    # -- output stream ----------------------------------------------------------
+
+    async def _start_stream(self, execution: Execution, resume: int, *, report_gaps: bool) -> None:
+        await self._stop_forwarder()
+        self.proto.exec_started()
+        await self.flush()
+        self._cursor = max(resume, execution.first_seq - 1)
+        self._forwarder = asyncio.create_task(self._forward(execution, report_gaps))
+
+    async def _stop_forwarder(self) -> None:
+        if self._forwarder is not None:
+            self._forwarder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._forwarder
+            self._forwarder = None
+
+    async def _forward(self, execution: Execution, report_gaps: bool) -> None:
+        """Send the exec's frames after the cursor as they come, then its DONE."""
+        sandbox = execution.sandbox
+        log = sandbox.log
+        while True:
+            frames = log.frames_after(self._cursor, execution.last_seq, _BATCH)
+            if frames:
+                if report_gaps and frames[0].seq > self._cursor + 1:
+                    self.proto.send_output_gap(self._cursor + 1, frames[0].seq - 1)
+                for chunk in frames:
+                    self.proto.send_output(chunk.stream, chunk.data, chunk.seq)
+                self._cursor = frames[-1].seq
+                sandbox.mark_delivered(self._cursor)
+                await self.flush()
+                continue
+            if execution.finished.is_set():
+                if self._cursor < execution.last_seq:
+                    # The rest was evicted before this connection asked for it.
+                    if report_gaps:
+                        self.proto.send_output_gap(self._cursor + 1, execution.last_seq)
+                    self._cursor = execution.last_seq
+                break
+            await log.changed.wait()
+        self.proto.exec_finished(execution.exit_code, killed=execution.killed)
+        execution.done_delivered = True
+        await self.flush()
+
+    # -- what the sandbox tells its attached connection -------------------------
+
+    async def sandbox_deleting(self) -> None:
+        self.proto.send_status(Status.SANDBOX_DELETING)
+        await self.flush()
+
+    async def wait_stream_end(self) -> None:
+        forwarder = self._forwarder
+        if forwarder is not None and not forwarder.done():
+            _, pending = await asyncio.wait([forwarder], timeout=_STREAM_END_TIMEOUT)
+            if pending:
+                await self._stop_forwarder()
+
+    async def sandbox_deleted(self) -> None:
+        self.proto.send_status(Status.SANDBOX_DELETED)
+        await self.flush()
+
+
+# --------------------------------------------------------------------------
+# the server
+
+
+class LocalServer:
+    """The local reference server, embeddable: ``async with LocalServer(port=0) as s: s.url``."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        state_dir: str | Path | None = None,
+        protocol: ProtocolMode = "extended",
+        *,
+        output_limit: int = DEFAULT_OUTPUT_LIMIT,
+        idle_sweep_interval: float = 0.25,
+    ) -> None:
+        if protocol not in ("upstream", "extended"):
+            raise ValueError(f"protocol must be 'upstream' or 'extended', not {protocol!r}")
+        self.host = host
+        self.port = port
+        self.protocol: ProtocolMode = protocol
+        self.extensions: tuple[str, ...] = ALL_EXTENSIONS if protocol == "extended" else ()
+        #: Sent in the affinity cookie; distinguishes instances sharing a state directory.
+        self.instance_id = secrets.token_hex(8)
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._temporary_state: Path | None = None
+        self._output_limit = output_limit
+        self._idle_sweep_interval = idle_sweep_interval
+        self._manager: SandboxManager | None = None
+        self._server: Server | None = None
+
+    @property
+    def manager(self) -> SandboxManager:
+        if self._manager is None:
+            raise RuntimeError("the server is not started")
+        return self._manager
+
+    @property
+    def state_dir(self) -> Path:
+        return self.manager.state_dir
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the server is not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def __aenter__(self) -> LocalServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        if self._state_dir is None:
+            self._temporary_state = Path(tempfile.mkdtemp(prefix="sandbox-server-"))
+        state_dir = self._state_dir or self._temporary_state
+        assert state_dir is not None
+        self._manager = SandboxManager(
+            state_dir, output_limit=self._output_limit, idle_sweep_interval=self._idle_sweep_interval
+        )
+        await self._manager.start()
+        try:
+            self._server = await serve(
+                self._handler,
+                self.host,
+                self.port,
+                process_request=self._process_request,
+                process_response=self._process_response,
+                max_size=MAX_MESSAGE_SIZE,
+                ping_interval=20,
+                ping_timeout=20,
+                logger=_ws_logger,
+            )
+        except BaseException:
+            await self._manager.shutdown()
+            self._remove_temporary_state()
+            raise
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("listening on %s (protocol %s)", self.url, self.protocol)
+
+    async def stop(self) -> None:
+        """Close every WebSocket with 1012, kill every sandbox process, remove a temporary state dir."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close(code=1012)
+            await server.wait_closed()
+        if self._manager is not None:
+            await self._manager.shutdown()
+        self._remove_temporary_state()
+
+    async def serve_forever(self) -> None:
+        """Serve until cancelled."""
+        await asyncio.Event().wait()
+
+    def _remove_temporary_state(self) -> None:
+        if self._temporary_state is not None:
+            shutil.rmtree(self._temporary_state, ignore_errors=True)
+            self._temporary_state = None
+
+    # -- websockets hooks ---------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: HttpRequest) -> HttpResponse | None:
+        path = urlsplit(request.path).path
+        if not _is_upgrade(request.headers):
+            # Plain HTTP, answered the way FastAPI answers it (2.5).
+            if path in ("/", "/status"):
+                if request.method != "GET":
+                    return _json_response(connection, 405, {"detail": "Method Not Allowed"})
+                body = {"message": "Server is running"} if path == "/" else {"status": "ok"}
+                return _json_response(connection, 200, body)
+            return _json_response(connection, 404, {"detail": "Not Found"})
+        if _parse_route(request.path) is None:
+            return connection.respond(403, "Forbidden\n")
+        return None
+
+    def _process_response(
+        self, connection: ServerConnection, request: HttpRequest, response: HttpResponse
+    ) -> HttpResponse | None:
+        if response.status_code == 101:
+            # Session affinity, so that cookie handling can be tested (2.4).
+            response.headers["Set-Cookie"] = f"{AFFINITY_COOKIE}={self.instance_id}; Path=/; HttpOnly"
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        route = _parse_route(ws.request.path if ws.request is not None else "")
+        if route is None:  # process_request refused it already
+            return
+        connection = _Connection(self, ws, create=route.kind == "create")
+        try:
+            await connection.run(route)
+        except Exception:
+            logger.exception("connection failed")

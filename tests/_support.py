@@ -1,0 +1,153 @@
+"""Test helpers: a local server on its own thread and event loop, and a silent TCP server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sandbox_server import LocalServer
+
+
+class ServerThread:
+    """A :class:`LocalServer` on a random loopback port, in a thread with its own loop.
+
+    Keeping the server off the test's event loop means a test that blocks its
+    loop, or a test framework that runs trio, cannot stall the server.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sandbox-server", daemon=True)
+        self._server: LocalServer | None = None
+        self.url = ""
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._server = LocalServer(host="127.0.0.1", port=0, **self._options)
+        asyncio.run_coroutine_threadsafe(self._server.start(), self._loop).result(timeout=30)
+        self.url = self._server.url
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: a hung service."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = listener.accept()
+                accepted.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+class CuttingProxy:
+    """A loopback TCP proxy, on its own thread, that drops every connection on command.
+
+    ``cut()`` aborts both sides of every open connection (the client sees an
+    abnormal close, the server a reset), like a network drop.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        host_port = target_url.split("://", 1)[1]
+        host, port = host_port.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cutting-proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.connections = 0
+        self.url = ""
+        self._gate = asyncio.Event()
+
+    def __enter__(self) -> CuttingProxy:
+        self._thread.start()
+        self._loop.call_soon_threadsafe(self._gate.set)
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop
+        ).result(timeout=10)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+        self.cut()
+        assert self._server is not None
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await self._gate.wait()  # held while the "network" is down
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    def stop_accepting(self) -> None:
+        """Refuse new connections from now on (the service is gone)."""
+        assert self._server is not None
+        asyncio.run_coroutine_threadsafe(self._close_listener(), self._loop).result(timeout=10)
+
+    async def _close_listener(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    def cut(self, *, hold: bool = False) -> None:
+        """Abort every open connection now; with ``hold``, new ones wait for :meth:`release`."""
+
+        def abort_all() -> None:
+            if hold:
+                self._gate.clear()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            self._writers.clear()
+
+        asyncio.run_coroutine_threadsafe(_call(abort_all), self._loop).result(timeout=10)
+
+    def release(self) -> None:
+        """Let held and new connections through again."""
+        self._loop.call_soon_threadsafe(self._gate.set)
+
+
+async def _call(function: Callable[[], None]) -> None:
+    function()

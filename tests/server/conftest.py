@@ -1,0 +1,28 @@
+"""Fixtures of the server tests: a fresh :class:`LocalServer` on a free port per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from sandbox_server import LocalServer
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def local() -> AsyncIterator[LocalServer]:
+    """Extended protocol."""
+    async with LocalServer(port=0) as server:
+        yield server
+
+
+@pytest.fixture(params=["extended", "upstream"])
+async def any_local(request: pytest.FixtureRequest) -> AsyncIterator[LocalServer]:
+    """Each protocol mode in turn."""
+    async with LocalServer(port=0, protocol=request.param) as server:
+        yield server
