@@ -70,6 +70,8 @@ from ._frames import (
 )
 from ._server import (
     ALL_EXTENSIONS,
+    MSG_CHECKPOINT_IN_PROGRESS,
+    MSG_SNAPSHOT_DISABLED,
     MSG_TOKEN_INVALID,
     MSG_TOKEN_MISSING,
     CheckpointRequested,
@@ -97,6 +99,8 @@ __all__ = [
     "EXT_EXIT_CODE",
     "EXT_SEQ",
     "FATAL_STATUSES",
+    "MSG_CHECKPOINT_IN_PROGRESS",
+    "MSG_SNAPSHOT_DISABLED",
     "MSG_TOKEN_INVALID",
     "MSG_TOKEN_MISSING",
     "PROCESS_STATUSES",

@@ -48,10 +48,14 @@ from ._sandbox import (
     DEFAULT_OUTPUT_LIMIT,
     CheckpointError,
     CheckpointInProgressError,
+    CreationError,
     Execution,
     ExecutionStartError,
+    PermissionDeniedError,
+    RestoreError,
     Sandbox,
     SandboxManager,
+    SandboxNotFoundError,
     SnapshotError,
 )
 
@@ -165,16 +169,20 @@ class _Connection:
         finally:
             await self._cleanup()
 
+    async def _notify(self, status: Status) -> None:
+        self.proto.send_status(status)
+        await self.flush()
+
     async def _create(self) -> bool:
         options = self.proto.receive_init(await self.ws.recv())
         if options is None:
             await self.flush()
             return False
+        await self.flush()  # SANDBOX_CREATING before the (possibly slow) setup
         try:
-            sandbox, token = self.manager.create(options)
-        except OSError as exc:
-            logger.error("cannot create a sandbox: %s", exc)
-            self.proto.fail_creation("Failed to create the sandbox directory.")
+            sandbox, token = await self.manager.create(options, self._notify)
+        except CreationError as exc:
+            self.proto.fail_creation(str(exc))
             await self.flush()
             return False
         self.sandbox = sandbox
@@ -187,9 +195,29 @@ class _Connection:
     async def _attach(self, route: _Route) -> bool:
         # Order of checks as upstream (7.2), with the status channel moved only on success (S3).
         proto = self.proto
+        sandbox_id = route.sandbox_id
         if not route.token:
             proto.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_MISSING, close=4000)
-        elif (sandbox := self.manager.get(route.sandbox_id)) is None:
+            await self.flush()
+            return False
+        sandbox = self.manager.get(sandbox_id)
+        if sandbox is None and self.manager.checkpoint_enabled:
+            await self._notify(Status.SANDBOX_RESTORING)
+            try:
+                sandbox = await self.manager.restore(sandbox_id, route.token, self._notify)
+            except SandboxNotFoundError:
+                pass
+            except PermissionDeniedError:
+                proto.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_INVALID, close=4000)
+                await self.flush()
+                return False
+            except RestoreError as exc:
+                proto.send_error(
+                    Status.SANDBOX_RESTORE_ERROR, f"Failed to restore sandbox {sandbox_id}: {exc}", close=4000
+                )
+                await self.flush()
+                return False
+        if sandbox is None:
             proto.send_status(Status.SANDBOX_NOT_FOUND)
             proto.close(1011)
         elif not sandbox.check_token(route.token):
@@ -309,7 +337,8 @@ class _Connection:
         self.proto.send_status(Status.SANDBOX_KILLING)
         await self.flush()
         try:
-            await self.manager.delete(sandbox)  # DELETING, [DONE], DELETED come through the observer
+            # DELETING, [DONE], [lock frames], DELETED come through the observer; metadata goes too (7.6).
+            await self.manager.delete(sandbox, forget=True)
         except Exception:
             logger.exception("sandbox %s: kill failed", sandbox.id)
             self.proto.send_status(Status.SANDBOX_KILL_ERROR)
@@ -412,8 +441,8 @@ class _Connection:
 
     # -- what the sandbox tells its attached connection -------------------------
 
-    async def sandbox_deleting(self) -> None:
-        self.proto.send_status(Status.SANDBOX_DELETING)
+    async def sandbox_status(self, status: Status) -> None:
+        self.proto.send_status(status)
         await self.flush()
 
     async def wait_stream_end(self) -> None:
@@ -422,10 +451,6 @@ class _Connection:
             _, pending = await asyncio.wait([forwarder], timeout=_STREAM_END_TIMEOUT)
             if pending:
                 await self._stop_forwarder()
-
-    async def sandbox_deleted(self) -> None:
-        self.proto.send_status(Status.SANDBOX_DELETED)
-        await self.flush()
 
 
 # --------------------------------------------------------------------------
@@ -444,7 +469,25 @@ class LocalServer:
         *,
         output_limit: int = DEFAULT_OUTPUT_LIMIT,
         idle_sweep_interval: float = 0.25,
+        checkpoints: bool = True,
+        snapshots: bool = True,
+        lease_duration: float = 60.0,
+        lease_renewal_interval: float = 20.0,
+        lock_wait_timeout: float = 30.0,
+        handoff_poll_interval: float = 1.0,
     ) -> None:
+        """``checkpoints``/``snapshots`` switch storage off for the "not enabled" paths (11.1).
+
+        Several servers (processes or objects) given the same ``state_dir`` act
+        as instances of one service: they share checkpoints, snapshots and the
+        handoff locks. ``lease_duration`` is how long a crashed instance keeps a
+        sandbox's lock; ``lease_renewal_interval`` how often a live one renews
+        it; ``lock_wait_timeout`` how long an attach waits for another instance
+        to hand a sandbox over; ``handoff_poll_interval`` how often an instance
+        looks for such a waiter.
+        """
+        if not 0 < lease_renewal_interval < lease_duration:
+            raise ValueError("lease_renewal_interval must be positive and shorter than lease_duration")
         if protocol not in ("upstream", "extended"):
             raise ValueError(f"protocol must be 'upstream' or 'extended', not {protocol!r}")
         self.host = host
@@ -457,6 +500,15 @@ class LocalServer:
         self._temporary_state: Path | None = None
         self._output_limit = output_limit
         self._idle_sweep_interval = idle_sweep_interval
+        self.checkpoints = checkpoints
+        self.snapshots = snapshots
+        self._lease_options = {
+            "lease_duration": lease_duration,
+            "lease_renewal_interval": lease_renewal_interval,
+            "lock_wait_timeout": lock_wait_timeout,
+            "handoff_poll_interval": handoff_poll_interval,
+            "lock_poll_interval": min(0.25, handoff_poll_interval),
+        }
         self._manager: SandboxManager | None = None
         self._server: Server | None = None
 
@@ -492,7 +544,13 @@ class LocalServer:
         state_dir = self._state_dir or self._temporary_state
         assert state_dir is not None
         self._manager = SandboxManager(
-            state_dir, output_limit=self._output_limit, idle_sweep_interval=self._idle_sweep_interval
+            state_dir,
+            instance_id=self.instance_id,
+            checkpoint_enabled=self.checkpoints,
+            snapshots_enabled=self.snapshots,
+            output_limit=self._output_limit,
+            idle_sweep_interval=self._idle_sweep_interval,
+            **self._lease_options,
         )
         await self._manager.start()
         try:

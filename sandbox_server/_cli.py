@@ -23,13 +23,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
         default=None,
-        help="directory for sandbox files (default: a temporary directory removed at exit)",
+        help="directory for sandboxes, checkpoints, snapshots and handoff locks; servers sharing one act as "
+        "instances of one service (default: a temporary directory removed at exit)",
     )
     parser.add_argument(
         "--protocol",
         choices=("upstream", "extended"),
         default="extended",
         help="'upstream' switches every protocol extension off (default: extended)",
+    )
+    parser.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="run without checkpoint storage: checkpoints, restores and handoff are refused",
+    )
+    parser.add_argument(
+        "--no-snapshots",
+        action="store_true",
+        help="run without filesystem snapshot storage",
+    )
+    parser.add_argument(
+        "--lease-duration",
+        type=float,
+        default=60.0,
+        help="seconds a handoff lock outlives its instance if that one dies (default: 60)",
+    )
+    parser.add_argument(
+        "--lease-renewal-interval",
+        type=float,
+        default=20.0,
+        help="seconds between renewals of a held handoff lock (default: 20)",
+    )
+    parser.add_argument(
+        "--lock-wait-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an attach waits for another instance to hand a sandbox over (default: 30)",
     )
     parser.add_argument(
         "--log-level",
@@ -40,7 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    server = LocalServer(host=args.host, port=args.port, state_dir=args.state_dir, protocol=args.protocol)
+    server = LocalServer(
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        protocol=args.protocol,
+        checkpoints=not args.no_checkpoint,
+        snapshots=not args.no_snapshots,
+        lease_duration=args.lease_duration,
+        lease_renewal_interval=args.lease_renewal_interval,
+        lock_wait_timeout=args.lock_wait_timeout,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -62,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox_server", description="Local Cloud Run Sandbox server.")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if not 0 < args.lease_renewal_interval < args.lease_duration:
+        parser.error("--lease-renewal-interval must be positive and shorter than --lease-duration")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         # websockets' per-connection chatter is noise at INFO.

@@ -60,6 +60,8 @@ class Wire:
         wire = await cls.open(url, "/create", protocol)
         await wire.send(init)
         await wire.expect(st("SANDBOX_CREATING"))
+        if json.loads(init).get("enable_sandbox_handoff"):
+            await wire.expect(st("SANDBOX_LOCK_ACQUIRING"), st("SANDBOX_LOCK_ACQUIRED"))  # CV-04
         frame = await wire.frame()
         assert frame["event"] == "sandbox_id", frame
         wire.sandbox_id, wire.token = frame["sandbox_id"], frame["sandbox_token"]

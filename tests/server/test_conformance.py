@@ -1,8 +1,14 @@
-"""The conformance vectors of protocol.md section 12 that apply to a plain server, over a real socket."""
+"""The conformance vectors of protocol.md section 12 on one server, over a real socket.
+
+``any_plain`` is the "plain" profile (no storage); ``any_local`` has checkpoint
+and snapshot storage ("ckpt", "snap"). The vectors that need two instances
+sharing storage ("ckpt+lock") are in test_stateful_server.py.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import pytest
 from server._server_wire import Wire, attach_when_free, err, st
@@ -62,7 +68,25 @@ async def test_cv03_bash_failure_has_stderr_and_no_exit_code_upstream(any_local:
         ),  # CV-08
     ],
 )
-async def test_cv05_to_08_creation_errors(any_local: LocalServer, init: str, message: str) -> None:
+async def test_cv05_to_08_creation_errors(any_plain: LocalServer, init: str, message: str) -> None:
+    wire = await Wire.open(any_plain.url, "/create", any_plain.protocol)
+    await wire.send(init)
+    await wire.expect(st("SANDBOX_CREATING"), st("SANDBOX_CREATION_ERROR"), err(message))
+    await wire.expect_close(4000)
+    assert not any_plain.manager.sandboxes
+
+
+@pytest.mark.parametrize(
+    ("init", "message"),
+    [
+        ('{"enable_sandbox_handoff":true}', "Sandbox handoff requires checkpointing to be enabled."),  # CV-07
+        (
+            '{"enable_idle_timeout_auto_checkpoint":true}',
+            "Idle timeout auto checkpoint requires checkpointing to be enabled.",
+        ),  # CV-08
+    ],
+)
+async def test_cv07_08_creation_errors_with_storage(any_local: LocalServer, init: str, message: str) -> None:
     wire = await Wire.open(any_local.url, "/create", any_local.protocol)
     await wire.send(init)
     await wire.expect(st("SANDBOX_CREATING"), st("SANDBOX_CREATION_ERROR"), err(message))
@@ -171,15 +195,28 @@ async def test_cv18_kill_running_exec_then_sandbox_usable(any_local: LocalServer
     assert result.statuses == [st("SANDBOX_EXECUTION_DONE")]
 
 
-async def test_cv19_kill_sandbox_then_id_is_gone(any_local: LocalServer) -> None:
-    wire = await Wire.create(any_local.url, any_local.protocol)
-    directory = any_local.state_dir / "sandboxes" / wire.sandbox_id
-    assert directory.is_dir()
+@pytest.mark.parametrize("init", ["{}", '{"enable_checkpoint":true}'], ids=["ephemeral", "checkpointable"])
+async def test_cv19_kill_sandbox_then_id_is_gone(any_local: LocalServer, init: str) -> None:
+    wire = await Wire.create(any_local.url, any_local.protocol, init)
+    sandbox = any_local.manager.get(wire.sandbox_id)
+    assert sandbox is not None and sandbox.directory.is_dir()
     await wire.send({"action": "kill_sandbox"})
     await wire.expect(st("SANDBOX_KILLING"), st("SANDBOX_DELETING"), st("SANDBOX_DELETED"), st("SANDBOX_KILLED"))
     await wire.expect_close(1000)
-    assert not directory.exists()
+    assert not sandbox.directory.exists()
+    # The metadata went too (7.6): with storage, RESTORING then NOT_FOUND.
+    assert not (any_local.state_dir / "metadata" / f"{wire.sandbox_id}.json").exists()
     again = await Wire.attach(any_local.url, any_local.protocol, wire.sandbox_id, wire.token)
+    await again.expect(st("SANDBOX_RESTORING"), st("SANDBOX_NOT_FOUND"))
+    await again.expect_close(1011)
+
+
+async def test_cv19_plain(any_plain: LocalServer) -> None:
+    wire = await Wire.create(any_plain.url, any_plain.protocol)
+    await wire.send({"action": "kill_sandbox"})
+    await wire.expect(st("SANDBOX_KILLING"), st("SANDBOX_DELETING"), st("SANDBOX_DELETED"), st("SANDBOX_KILLED"))
+    await wire.expect_close(1000)
+    again = await Wire.attach(any_plain.url, any_plain.protocol, wire.sandbox_id, wire.token)
     await again.expect(st("SANDBOX_NOT_FOUND"))
     await again.expect_close(1011)
 
@@ -199,23 +236,34 @@ async def test_kill_sandbox_during_exec_sends_done_between_deleting_and_deleted(
     await wire.expect_close(1000)
 
 
-async def test_cv22_checkpoint_without_checkpointing(any_local: LocalServer) -> None:
-    wire = await Wire.create(any_local.url, any_local.protocol)
-    await wire.send({"action": "checkpoint"})
-    sid = wire.sandbox_id
-    await wire.expect(
-        st("SANDBOX_CHECKPOINTING"),
-        st("SANDBOX_CHECKPOINT_ERROR"),
-        err(f"Failed to checkpoint sandbox {sid}: Sandbox {sid} is not configured for checkpointing."),
-    )
-    await wire.expect_close(4000)
-    # Not deleted: attach still works.
-    again = await attach_when_free(any_local.url, any_local.protocol, wire)
-    await again.expect(st("SANDBOX_RUNNING"))
+@pytest.mark.parametrize("profile", ["plain", "ckpt"])
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "exec-running"])
+async def test_cv22_checkpoint_without_checkpointing(
+    protocol: Literal["extended", "upstream"], profile: str, busy: bool
+) -> None:
+    storage = profile == "ckpt"
+    async with LocalServer(port=0, protocol=protocol, checkpoints=storage, snapshots=storage) as server:
+        wire = await Wire.create(server.url, protocol)
+        if busy:
+            # Checked before the running exec (7.7): the not-configured error, not the in-progress one.
+            await wire.send({"language": "bash", "code": "sleep 0.5; echo done"})
+            await wire.expect(st("SANDBOX_EXECUTION_RUNNING"))
+        await wire.send({"action": "checkpoint"})
+        sid = wire.sandbox_id
+        await wire.expect(
+            st("SANDBOX_CHECKPOINTING"),
+            st("SANDBOX_CHECKPOINT_ERROR"),
+            err(f"Failed to checkpoint sandbox {sid}: Sandbox {sid} is not configured for checkpointing."),
+        )
+        await wire.expect_close(4000)
+        # Not deleted: attach still works.
+        again = await attach_when_free(server.url, protocol, wire)
+        await again.expect(st("SANDBOX_RUNNING"))
+        await again.close()
 
 
-async def test_cv24_snapshot_without_storage(any_local: LocalServer) -> None:
-    wire = await Wire.create(any_local.url, any_local.protocol)
+async def test_cv24_snapshot_without_storage(any_plain: LocalServer) -> None:
+    wire = await Wire.create(any_plain.url, any_plain.protocol)
     await wire.send({"action": "snapshot_filesystem", "name": "env-v1"})
     await wire.expect(
         st("SANDBOX_FILESYSTEM_SNAPSHOT_CREATING"),
@@ -240,9 +288,17 @@ async def test_cv25_attach_free_sandbox_and_second_attach_refused(any_local: Loc
     assert (await second.run("bash", "echo two")).stdout == "two\n"
 
 
-async def test_cv26_attach_unknown_id(any_local: LocalServer) -> None:
-    wire = await Wire.attach(any_local.url, any_local.protocol, "sandbox-0000", "0" * 64)
+async def test_cv26_attach_unknown_id_plain(any_plain: LocalServer) -> None:
+    wire = await Wire.attach(any_plain.url, any_plain.protocol, "sandbox-0000", "0" * 64)
     await wire.expect(st("SANDBOX_NOT_FOUND"))
+    await wire.expect_close(1011)
+
+
+@pytest.mark.parametrize("sandbox_id", ["sandbox-0000", "..%2F..%2Fetc", ".hidden", "x" * 200])
+async def test_cv26_attach_unknown_id_ckpt(any_local: LocalServer, sandbox_id: str) -> None:
+    # Ids that are not one safe path component never reach the disk: just not found.
+    wire = await Wire.attach(any_local.url, any_local.protocol, sandbox_id, "0" * 64)
+    await wire.expect(st("SANDBOX_RESTORING"), st("SANDBOX_NOT_FOUND"))
     await wire.expect_close(1011)
 
 

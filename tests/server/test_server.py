@@ -65,7 +65,9 @@ async def test_files_persist_between_execs_in_the_sandbox_directory(local: Local
     wire = await Wire.create(local.url, "extended")
     await wire.run("bash", "printf 'v1\\n' > note.txt")
     result = await wire.run("python", "import os; print(open('note.txt').read(), end=''); print(os.getcwd())")
-    assert result.stdout.splitlines() == ["v1", str(local.state_dir / "sandboxes" / wire.sandbox_id)]
+    sandbox = local.manager.get(wire.sandbox_id)
+    assert sandbox is not None
+    assert result.stdout.splitlines() == ["v1", str(sandbox.directory)]
     other = await Wire.create(local.url, "extended")
     assert (await other.run("bash", "ls")).stdout == ""  # each sandbox has its own directory
     env = await wire.run("python", "import os, sys; print(sorted(os.environ)); print(sys.flags.dont_write_bytecode)")
@@ -310,7 +312,7 @@ async def test_two_servers_in_one_process_are_independent() -> None:
         assert one.url != two.url and one.state_dir != two.state_dir
         wire = await Wire.create(one.url, "extended")
         elsewhere = await Wire.attach(two.url, "upstream", wire.sandbox_id, wire.token)
-        await elsewhere.expect(st("SANDBOX_NOT_FOUND"))
+        await elsewhere.expect(st("SANDBOX_RESTORING"), st("SANDBOX_NOT_FOUND"))
         assert (await Wire.create(two.url, "upstream")).sandbox_id != wire.sandbox_id
         state = one.state_dir
     assert not state.exists()  # the temporary state directory is removed at stop
@@ -323,11 +325,13 @@ async def test_stop_closes_with_1012_and_kills_processes(tmp_path: Path) -> None
     await wire.send({"language": "bash", "code": "echo $$; sleep 1000"})
     await wire.expect(st("SANDBOX_EXECUTION_RUNNING"))
     pgid = int((await wire.frame())["data"])
+    instance_dir = server.manager.instance_dir
+    assert instance_dir.is_dir()
     await server.stop()
     await wire.expect_close(1012)
     assert not group_alive(pgid)
-    assert not any((tmp_path / "sandboxes").iterdir())
-    assert (tmp_path / "sandboxes").is_dir()  # a state directory given by the caller is kept
+    assert not instance_dir.exists()  # this instance's live sandboxes are gone
+    assert (tmp_path / "metadata").is_dir()  # a state directory given by the caller is kept
 
 
 # -- the command line -----------------------------------------------------------------
@@ -365,7 +369,7 @@ async def test_cli_sigterm_closes_clients_with_1012_and_leaves_no_process(tmp_pa
         assert wire.token not in stderr
         assert not group_alive(pgid)
         assert not pid_alive(background)
-        assert not any((tmp_path / "sandboxes").iterdir())
+        assert not any((tmp_path / "instances").iterdir())
     finally:
         if proc.returncode is None:
             proc.kill()
