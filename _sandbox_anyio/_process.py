@@ -1,10 +1,13 @@
-"""A running exec and its output streams, for asyncio."""
+"""A running exec and its output streams, on anyio (so on asyncio and trio alike)."""
 
 from __future__ import annotations
 
-import asyncio
+import math
 from collections.abc import AsyncIterator, Callable
+from types import TracebackType
 from typing import TYPE_CHECKING
+
+import anyio
 
 from sandbox_proto import (
     LocalProtocolError,
@@ -16,12 +19,75 @@ from sandbox_proto import (
 )
 
 if TYPE_CHECKING:
-    from ._sandbox import Sandbox
+    from ._sandbox import BaseSandbox
 
 #: How long a waiting call on a process waits by default, in seconds.
 DEFAULT_WAIT_TIMEOUT = 600.0
 DEFAULT_KILL_TIMEOUT = 5.0
 DEFAULT_STDIN_TIMEOUT = 30.0
+
+
+class Wakeup:
+    """A reusable wake-up: anyio events fire once, so a fresh one is made per wait."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+
+    def set(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+class Outcome:
+    """The one-time result of an operation: success or an error, waited on by the caller."""
+
+    __slots__ = ("_done", "error")
+
+    def __init__(self) -> None:
+        self._done = anyio.Event()
+        self.error: SandboxException | None = None
+
+    @property
+    def is_set(self) -> bool:
+        return self._done.is_set()
+
+    def resolve(self, error: SandboxException | None) -> None:
+        if not self._done.is_set():
+            self.error = error
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class deadline:
+    """``anyio.fail_after`` raising :class:`SandboxTimeoutError` that says what timed out."""
+
+    def __init__(self, timeout: float | None, what: str) -> None:
+        self._scope = anyio.fail_after(math.inf if timeout is None else timeout)
+        self._timeout = timeout
+        self._what = what
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        try:
+            return self._scope.__exit__(exc_type, exc, tb)
+        except TimeoutError:
+            raise SandboxTimeoutError(f"{self._what} took longer than {self._timeout:g}s") from None
 
 
 class SandboxStream:
@@ -32,22 +98,20 @@ class SandboxStream:
     newline included); :meth:`read_all` everything until the process ends.
     """
 
-    def __init__(self, name: str, budget: OutputBudget, space: asyncio.Event) -> None:
+    def __init__(self, name: str, budget: OutputBudget, space: Wakeup) -> None:
         self.name = name
         self._buffer = OutputBuffer(budget)
         self._budget = budget
         self._space = space
-        self._readable = asyncio.Event()
+        self._readable = Wakeup()
 
     def __repr__(self) -> str:
         return f"<SandboxStream {self.name}{' eof' if self._buffer.eof else ''}>"
 
-    # -- fed by the adapter
+    # -- fed by the driver
 
     def _feed(self, data: str) -> None:
         self._buffer.feed(data)
-        if self._budget.full:
-            self._space.clear()
         self._readable.set()
 
     def _end(self, error: SandboxException | None) -> None:
@@ -61,10 +125,11 @@ class SandboxStream:
         return self._buffer.at_eof
 
     async def _next(self, pop: Callable[[], str | None], timeout: float | None, what: str) -> str:
-        async with _deadline(timeout, f"{what} {self.name}"):
-            while (item := pop()) is None:
-                self._readable.clear()
-                await self._readable.wait()
+        item = pop()
+        if item is None:
+            with deadline(timeout, f"{what} {self.name}"):
+                while (item := pop()) is None:
+                    await self._readable.wait()
         if not self._budget.full:
             self._space.set()
         return item
@@ -88,7 +153,7 @@ class SandboxStream:
         try:
             await self._next(pop, timeout, "reading all of")
         except BaseException:
-            self._buffer.unread("".join(parts))  # a timed-out read_all loses nothing
+            self._buffer.unread("".join(parts))  # a timed-out or cancelled read_all loses nothing
             raise
         return "".join(parts)
 
@@ -103,19 +168,18 @@ class SandboxStream:
 class SandboxProcess:
     """One exec in a sandbox: its output streams, stdin, exit and kill."""
 
-    def __init__(self, sandbox: Sandbox, exec_id: int, buffer_limit: int) -> None:
+    def __init__(self, sandbox: BaseSandbox, exec_id: int, buffer_limit: int) -> None:
         self._sandbox = sandbox
         self.exec_id = exec_id
-        budget = OutputBudget(buffer_limit)
-        #: Set while the user's buffers have room; the reader waits on it (back-pressure).
-        self._space = asyncio.Event()
-        self._space.set()
-        self.stdout = SandboxStream("stdout", budget, self._space)
-        self.stderr = SandboxStream("stderr", budget, self._space)
-        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._done = asyncio.Event()
+        self._budget = OutputBudget(buffer_limit)
+        #: Woken when the user's buffers have room again; the reader waits on it (back-pressure).
+        self._space = Wakeup()
+        self.stdout = SandboxStream("stdout", self._budget, self._space)
+        self.stderr = SandboxStream("stderr", self._budget, self._space)
+        self._started = Outcome()
+        self._done = anyio.Event()
         self._error: SandboxException | None = None
-        self._kill_waiter: asyncio.Future[None] | None = None
+        self._kill = Outcome()
         #: The exit status reported by the server (``exit_code`` extension), else ``None``.
         self.returncode: int | None = None
         #: ``True`` once output may have been lost (reconnect to a server without ``seq``).
@@ -125,31 +189,32 @@ class SandboxProcess:
         state = "done" if self._done.is_set() else "running"
         return f"<SandboxProcess {self.exec_id} {state} returncode={self.returncode}>"
 
-    # -- fed by the adapter
+    # -- fed by the driver
 
     def _set_started(self) -> None:
-        if not self._started.done():
-            self._started.set_result(None)
+        self._started.resolve(None)
 
     def _finish(self, returncode: int | None, error: SandboxException | None) -> None:
+        if self._done.is_set():
+            return
         self.returncode = returncode
         self._error = error
-        if not self._started.done():
-            self._started.set_exception(error or SandboxStateError("the process ended before it started"))
-            self._started.exception()  # retrieved: nobody else may await it
+        self._started.resolve(error or SandboxStateError("the process ended before it started"))
         self.stdout._end(error)
         self.stderr._end(error)
         self._space.set()  # nothing more will arrive for this process
         self._done.set()
-        if self._kill_waiter is not None and not self._kill_waiter.done():
-            self._kill_waiter.set_result(None)
+        self._kill.resolve(None)
 
     def _feed(self, stream: str, data: str) -> None:
         (self.stdout if stream == "stdout" else self.stderr)._feed(data)
 
     def _kill_failed(self, error: SandboxException) -> None:
-        if self._kill_waiter is not None and not self._kill_waiter.done():
-            self._kill_waiter.set_exception(error)
+        self._kill.resolve(error)
+
+    @property
+    def _buffers_full(self) -> bool:
+        return self._budget.full and not self._done.is_set()
 
     # -- user API
 
@@ -162,7 +227,8 @@ class SandboxProcess:
 
         Raises the connection's error if the process could not be followed to its end.
         """
-        await _bounded(self._done.wait(), timeout, "waiting for the process")
+        with deadline(timeout, "waiting for the process"):
+            await self._done.wait()
         if self._error is not None:
             raise self._error
         return self.returncode
@@ -173,7 +239,8 @@ class SandboxProcess:
             self._sandbox._protocol.write_stdin(self.exec_id, data)
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        await _bounded(self._sandbox._flush(), timeout, "writing to stdin")
+        with deadline(timeout, "writing to stdin"):
+            await self._sandbox._flush()
 
     async def close_stdin(self, *, timeout: float | None = DEFAULT_STDIN_TIMEOUT) -> None:
         """Signal end-of-file on stdin (needs the server's ``close_stdin`` extension)."""
@@ -181,44 +248,21 @@ class SandboxProcess:
             self._sandbox._protocol.close_stdin(self.exec_id)
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        await _bounded(self._sandbox._flush(), timeout, "closing stdin")
+        with deadline(timeout, "closing stdin"):
+            await self._sandbox._flush()
 
     async def kill(self, *, timeout: float | None = DEFAULT_KILL_TIMEOUT) -> None:
         """Kill the process (its whole process group on our server) and wait for its end."""
         if self._done.is_set():
             return
-        if self._kill_waiter is None or self._kill_waiter.done():
-            self._kill_waiter = asyncio.get_running_loop().create_future()
-        waiter = self._kill_waiter
+        if self._kill.is_set:
+            self._kill = Outcome()  # an earlier kill failed: try again
         self._sandbox._protocol.kill_process(self.exec_id)
         try:
-            async with _deadline(timeout, "killing the process"):
+            with deadline(timeout, "killing the process"):
                 await self._sandbox._flush()
-                await asyncio.shield(waiter)
+                await self._kill.wait()
         except SandboxTimeoutError:
             # As upstream: stop waiting and consider the process gone.
             self._sandbox._protocol.kill_process_timed_out(self.exec_id)
             self._sandbox._dispatch()
-
-
-class _deadline:
-    """``asyncio.timeout`` that raises :class:`SandboxTimeoutError` with what timed out."""
-
-    def __init__(self, timeout: float | None, what: str) -> None:
-        self._cm = asyncio.timeout(timeout)
-        self._timeout = timeout
-        self._what = what
-
-    async def __aenter__(self) -> None:
-        await self._cm.__aenter__()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        try:
-            await self._cm.__aexit__(*exc_info)  # type: ignore[arg-type]
-        except TimeoutError:
-            raise SandboxTimeoutError(f"{self._what} took longer than {self._timeout:g}s") from None
-
-
-async def _bounded(awaitable: object, timeout: float | None, what: str) -> None:
-    async with _deadline(timeout, what):
-        await awaitable  # type: ignore[misc]

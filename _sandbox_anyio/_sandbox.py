@@ -1,13 +1,19 @@
-"""The asyncio ``Sandbox``: moves frames between a transport and ``sandbox_proto``, wakes waiters."""
+"""The runtime-neutral sandbox driver: moves frames between a transport and ``sandbox_proto``.
+
+Written on anyio, so one implementation serves asyncio and trio. What differs
+per runtime is small and injected: the transport, and how the background
+reader is started (an asyncio task, or a trio nursery).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl as ssl_module
-from collections.abc import Generator
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Self
+
+import anyio
 
 from sandbox_proto import (
     CheckpointDone,
@@ -35,24 +41,25 @@ from sandbox_proto import (
     SnapshotDone,
 )
 
-from ._process import DEFAULT_KILL_TIMEOUT, SandboxProcess, _bounded, _deadline
-from ._transport import HandshakeRefused, Transport, TransportClosed, WebsocketsTransport
+from ._process import DEFAULT_KILL_TIMEOUT, Outcome, SandboxProcess, deadline
+from ._transport import CLOSE_TIMEOUT, HandshakeRefused, Transport, TransportClosed
 
-logger = logging.getLogger("sandbox_asyncio")
+logger = logging.getLogger("sandbox")
 _debug_logger = logging.getLogger("sandbox.debug")
 
 DEFAULT_CONNECT_TIMEOUT = 60.0
 DEFAULT_EXEC_TIMEOUT = 30.0
 DEFAULT_CHECKPOINT_TIMEOUT = 120.0
 DEFAULT_SNAPSHOT_TIMEOUT = 120.0
-DEFAULT_CLOSE_TIMEOUT = 5.0
 #: Output held for the user per process before the socket stops being read.
 DEFAULT_STREAM_BUFFER = 16 * 2**20
 
-TransportName = Literal["websockets", "aiohttp"]
+_PROCESS_EVENTS = (Output, ExecStarted, ProcessEnded, ExecRejected, OutputIncomplete, KillProcessFailed)
+
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
-def _debug_log(enabled: bool) -> logging.Logger:
+def debug_log(enabled: bool) -> logging.Logger:
     """``enable_debug`` shows this sandbox's protocol log even when logging is not configured."""
     if not enabled:
         return logging.getLogger("sandbox_proto.client")
@@ -64,48 +71,69 @@ def _debug_log(enabled: bool) -> logging.Logger:
     return _debug_logger
 
 
-def _make_transport(transport: TransportName | Transport, session: Any) -> Transport:
-    if not isinstance(transport, str):
-        return transport
-    if transport == "websockets":
-        if session is not None:
-            raise ValueError("session= is for transport='aiohttp'")
-        return WebsocketsTransport()
-    if transport == "aiohttp":
-        from ._aiohttp import AiohttpTransport  # optional dependency: the 'aiohttp' extra
-
-        return AiohttpTransport(session)
-    raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'aiohttp'")
-
-
-class _Opening:
-    """What ``Sandbox.create``/``attach`` return: awaitable, and an async context manager.
-
-    ``sandbox = await Sandbox.create(url)`` and ``async with Sandbox.create(url) as sandbox``
-    both work, as does the upstream ``async with await Sandbox.create(url)``.
-    """
-
-    def __init__(self, sandbox: Sandbox, timeout: float | None) -> None:
-        self._sandbox = sandbox
-        self._timeout = timeout
-
-    def __await__(self) -> Generator[Any, None, Sandbox]:
-        return self._sandbox._open(self._timeout).__await__()
-
-    async def __aenter__(self) -> Sandbox:
-        return await self._sandbox._open(self._timeout)
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._sandbox.__aexit__(exc_type, exc, tb)
+def create_protocol(
+    url: str,
+    *,
+    idle_timeout: float | None,
+    enable_sandbox_checkpoint: bool,
+    enable_idle_timeout_auto_checkpoint: bool,
+    enable_sandbox_handoff: bool,
+    filesystem_snapshot_name: str | None,
+    enable_debug: bool,
+    debug_label: str,
+    enable_auto_reconnect: bool,
+    headers: dict[str, str] | None,
+    reconnect_policy: ReconnectPolicy | None,
+) -> ClientProtocol:
+    """The core for ``Sandbox.create``, from the options of the upstream client."""
+    init = InitRequest(
+        idle_timeout=idle_timeout,
+        enable_checkpoint=enable_sandbox_checkpoint,
+        enable_idle_timeout_auto_checkpoint=enable_idle_timeout_auto_checkpoint,
+        enable_sandbox_handoff=enable_sandbox_handoff,
+        filesystem_snapshot_name=filesystem_snapshot_name,
+        send_null_idle_timeout=idle_timeout is None,
+    )
+    return ClientProtocol(
+        url,
+        init=init,
+        auto_reconnect=enable_auto_reconnect,
+        reconnect_policy=reconnect_policy,
+        headers=headers,
+        label=debug_label,
+        log=debug_log(enable_debug),
+    )
 
 
-class Sandbox:
-    """A sandbox of the Cloud Run Sandbox service, on asyncio.
+def attach_protocol(
+    url: str,
+    sandbox_id: str,
+    sandbox_token: str,
+    *,
+    enable_debug: bool,
+    debug_label: str,
+    enable_auto_reconnect: bool,
+    headers: dict[str, str] | None,
+    reconnect_policy: ReconnectPolicy | None,
+) -> ClientProtocol:
+    """The core for ``Sandbox.attach``."""
+    return ClientProtocol(
+        url,
+        sandbox_id=sandbox_id,
+        sandbox_token=sandbox_token,
+        auto_reconnect=enable_auto_reconnect,
+        reconnect_policy=reconnect_policy,
+        headers=headers,
+        label=debug_label,
+        log=debug_log(enable_debug),
+    )
 
-    Make one with :meth:`create` or :meth:`attach`. Leaving ``async with``
-    kills the sandbox (as upstream); :meth:`close` detaches and leaves it running.
+
+class BaseSandbox:
+    """A sandbox of the Cloud Run Sandbox service; see the runtime packages for construction.
+
+    Leaving ``async with`` kills the sandbox (as upstream); :meth:`close`
+    detaches and leaves it running.
     """
 
     def __init__(
@@ -120,115 +148,41 @@ class Sandbox:
         self._ssl = ssl
         self._transport = transport
         self._buffer_limit = stream_buffer_size
-        self._send_lock = asyncio.Lock()
-        self._setup: asyncio.Future[None] | None = None
+        self._send_lock = anyio.Lock()
+        self._spawn: Spawn | None = None
+        self._setup: Outcome | None = None
         self._process: SandboxProcess | None = None
-        self._kill_waiter: asyncio.Future[None] | None = None
-        self._checkpoint_waiter: asyncio.Future[None] | None = None
-        self._snapshot_waiter: asyncio.Future[None] | None = None
-        self._ended = asyncio.Event()
+        self._kill_outcome = Outcome()
+        self._checkpoint_outcome = Outcome()
+        self._snapshot_outcome = Outcome()
+        self._ended = anyio.Event()
         self._end_error: SandboxException | None = None
         self._close_code: int | None = None
         self._reconnect_delay: float | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._reader_scope: anyio.CancelScope | None = None
+        self._reader_done: anyio.Event | None = None
         #: Number of times the connection was re-established.
         self.reconnects = 0
 
     # ------------------------------------------------------------------
-    # construction
+    # opening
 
-    @classmethod
-    def create(
-        cls,
-        url: str,
-        *,
-        idle_timeout: float | None = 60,
-        enable_sandbox_checkpoint: bool = False,
-        enable_idle_timeout_auto_checkpoint: bool = False,
-        enable_sandbox_handoff: bool = False,
-        filesystem_snapshot_name: str | None = None,
-        enable_debug: bool = False,
-        debug_label: str = "",
-        ssl: ssl_module.SSLContext | None = None,
-        enable_auto_reconnect: bool = False,
-        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        headers: dict[str, str] | None = None,
-        transport: TransportName | Transport = "websockets",
-        session: Any = None,
-        reconnect_policy: ReconnectPolicy | None = None,
-        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
-    ) -> _Opening:
-        """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
-        init = InitRequest(
-            idle_timeout=idle_timeout,
-            enable_checkpoint=enable_sandbox_checkpoint,
-            enable_idle_timeout_auto_checkpoint=enable_idle_timeout_auto_checkpoint,
-            enable_sandbox_handoff=enable_sandbox_handoff,
-            filesystem_snapshot_name=filesystem_snapshot_name,
-            send_null_idle_timeout=idle_timeout is None,
-        )
-        protocol = ClientProtocol(
-            url,
-            init=init,
-            auto_reconnect=enable_auto_reconnect,
-            reconnect_policy=reconnect_policy,
-            headers=headers,
-            label=debug_label,
-            log=_debug_log(enable_debug),
-        )
-        sandbox = cls(
-            protocol, ssl=ssl, transport=_make_transport(transport, session), stream_buffer_size=stream_buffer_size
-        )
-        return _Opening(sandbox, timeout)
-
-    @classmethod
-    def attach(
-        cls,
-        url: str,
-        sandbox_id: str,
-        sandbox_token: str,
-        *,
-        enable_debug: bool = False,
-        debug_label: str = "",
-        ssl: ssl_module.SSLContext | None = None,
-        enable_auto_reconnect: bool = False,
-        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        headers: dict[str, str] | None = None,
-        transport: TransportName | Transport = "websockets",
-        session: Any = None,
-        reconnect_policy: ReconnectPolicy | None = None,
-        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
-    ) -> _Opening:
-        """Attach to an existing sandbox (restoring it if it was checkpointed)."""
-        protocol = ClientProtocol(
-            url,
-            sandbox_id=sandbox_id,
-            sandbox_token=sandbox_token,
-            auto_reconnect=enable_auto_reconnect,
-            reconnect_policy=reconnect_policy,
-            headers=headers,
-            label=debug_label,
-            log=_debug_log(enable_debug),
-        )
-        sandbox = cls(
-            protocol, ssl=ssl, transport=_make_transport(transport, session), stream_buffer_size=stream_buffer_size
-        )
-        return _Opening(sandbox, timeout)
-
-    async def _open(self, timeout: float | None) -> Sandbox:
+    async def _open(self, spawn: Spawn, timeout: float | None) -> Self:
         if self._setup is not None:
             raise SandboxStateError("this sandbox object is already open")
-        self._setup = asyncio.get_running_loop().create_future()
+        self._spawn = spawn
+        self._setup = Outcome()
         try:
-            async with _deadline(timeout, "opening the sandbox"):
+            with deadline(timeout, "opening the sandbox"):
                 await self._connect(timeout)
-                await asyncio.shield(self._setup)
+                await self._setup.wait()
         except SandboxTimeoutError:
             self._protocol.operation_timed_out("opening the sandbox")
             await self._settle()
             raise
         except BaseException:
-            await self._settle()
+            with anyio.CancelScope(shield=True):
+                await self._settle()
             raise
         return self
 
@@ -243,55 +197,60 @@ class Sandbox:
             )
         except SandboxConnectionError as exc:
             status = exc.http_status if isinstance(exc, HandshakeRefused) else None
-            self._protocol.connection_failed(exc, now=_now(), http_status=status)
+            self._protocol.connection_failed(exc, now=anyio.current_time(), http_status=status)
             self._dispatch()
             return
         self._protocol.connection_opened(cookies)
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name="sandbox-reader")
+        self._reader_done = anyio.Event()
+        assert self._spawn is not None
+        self._spawn(self._read_loop)
         await self._flush()
 
     # ------------------------------------------------------------------
     # the loop
 
     async def _read_loop(self) -> None:
+        done = self._reader_done
+        assert done is not None
+        try:
+            with anyio.CancelScope() as self._reader_scope:
+                await self._read_frames()
+        finally:
+            done.set()
+
+    async def _read_frames(self) -> None:
         try:
             while True:
                 try:
                     text = await self._transport.recv()
                 except TransportClosed as closed:
-                    self._protocol.connection_closed(closed.code, closed.reason, now=_now())
+                    self._protocol.connection_closed(closed.code, closed.reason, now=anyio.current_time())
                     self._dispatch()
-                    if self._reconnect_delay is None:
-                        return
                     await self._reconnect()
-                    return  # a new reader runs on the new connection
+                    return  # a new reader runs on the new connection, if any
                 self._protocol.receive(text)
                 self._dispatch()
                 await self._flush()
                 process = self._process
-                if process is not None and not process.done:
-                    # Back-pressure: stop reading the socket while the user's buffer is full.
+                while process is not None and process._buffers_full:
+                    # Back-pressure: stop reading the socket while the user's buffers are full.
                     await process._space.wait()
-                if self._close_code is not None:
-                    await self._close_transport()
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # a bug of ours: never leave waiters hanging
             logger.exception("sandbox reader failed")
-            self._protocol.connection_closed(1006, f"internal error: {exc}", now=_now())
+            self._protocol.connection_closed(1006, f"internal error: {exc}", now=anyio.current_time())
             self._protocol.close()
             self._dispatch()
+            with anyio.CancelScope(shield=True):
+                await self._close_transport()
 
     async def _reconnect(self) -> None:
-        while self._reconnect_delay is not None:
-            delay, self._reconnect_delay = self._reconnect_delay, None
+        while (delay := self._reconnect_delay) is not None:
+            self._reconnect_delay = None
             if delay:
-                await asyncio.sleep(delay)
+                await anyio.sleep(delay)
             if self._ended.is_set():
                 return
             await self._connect(DEFAULT_CONNECT_TIMEOUT)
-            if self._reader is not None and not self._reader.done() and self._reader is not asyncio.current_task():
-                return
 
     async def _flush(self) -> None:
         """Send what the core queued, in order, from whichever task gets here."""
@@ -311,41 +270,42 @@ class Sandbox:
         code, self._close_code = self._close_code, None
         if code is None:
             return
-        try:
-            await asyncio.wait_for(self._transport.close(code), DEFAULT_CLOSE_TIMEOUT)
-        except (TimeoutError, OSError, TransportClosed):
-            logger.debug("closing the transport failed", exc_info=True)
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await self._transport.close(code)
+            except (OSError, TransportClosed):
+                logger.debug("closing the transport failed", exc_info=True)
 
     def _dispatch(self) -> None:
         """Turn the core's events into wake-ups."""
         for event in self._protocol.events():
             process = self._process
-            if isinstance(event, Output):
-                if process is not None and process.exec_id == event.exec_id:
+            if isinstance(
+                event, Output | ExecStarted | ProcessEnded | ExecRejected | OutputIncomplete | KillProcessFailed
+            ):
+                if process is None or process.exec_id != event.exec_id:
+                    continue
+                if isinstance(event, Output):
                     process._feed(event.stream, event.data)
-            elif isinstance(event, ExecStarted):
-                if process is not None and process.exec_id == event.exec_id:
+                elif isinstance(event, ExecStarted):
                     process._set_started()
-            elif isinstance(event, ProcessEnded | ExecRejected):
-                if process is not None and process.exec_id == event.exec_id:
-                    returncode = event.returncode if isinstance(event, ProcessEnded) else None
-                    process._finish(returncode, event.error)
-            elif isinstance(event, OutputIncomplete):
-                if process is not None and process.exec_id == event.exec_id:
+                elif isinstance(event, ProcessEnded):
+                    process._finish(event.returncode, event.error)
+                elif isinstance(event, ExecRejected):
+                    process._finish(None, event.error)
+                elif isinstance(event, OutputIncomplete):
                     process.output_may_be_incomplete = True
-            elif isinstance(event, KillProcessFailed):
-                if process is not None and process.exec_id == event.exec_id:
+                else:
                     process._kill_failed(event.error)
-            elif isinstance(event, SetupComplete):
-                _resolve(self._setup, None)
-            elif isinstance(event, SetupFailed):
-                _resolve(self._setup, event.error)
+            elif isinstance(event, SetupComplete | SetupFailed):
+                if self._setup is not None:
+                    self._setup.resolve(event.error if isinstance(event, SetupFailed) else None)
             elif isinstance(event, KillSandboxDone):
-                _resolve(self._kill_waiter, event.error)
+                self._kill_outcome.resolve(event.error)
             elif isinstance(event, CheckpointDone):
-                _resolve(self._checkpoint_waiter, event.error)
+                self._checkpoint_outcome.resolve(event.error)
             elif isinstance(event, SnapshotDone):
-                _resolve(self._snapshot_waiter, event.error)
+                self._snapshot_outcome.resolve(event.error)
             elif isinstance(event, ReconnectScheduled):
                 self._reconnect_delay = event.delay
             elif isinstance(event, Reconnected):
@@ -356,8 +316,8 @@ class Sandbox:
             elif isinstance(event, SessionEnded):
                 self._end_error = event.error
                 self._ended.set()
-                error = event.error or SandboxStateError(f"the sandbox is {self._protocol.state.value}")
-                _resolve(self._setup, error)
+                if self._setup is not None:
+                    self._setup.resolve(event.error or SandboxStateError(f"the sandbox is {self.state}"))
 
     async def _settle(self) -> None:
         """After the session ended: close the socket and stop the reader."""
@@ -365,16 +325,10 @@ class Sandbox:
         if self._close_code is None and self._protocol.is_ended:
             self._close_code = 1000
         await self._close_transport()
-        reader = self._reader
-        if reader is not None and reader is not asyncio.current_task() and not reader.done():
-            reader.cancel()
-            try:
-                await reader
-            except asyncio.CancelledError:
-                if (task := asyncio.current_task()) is not None and task.cancelling():
-                    raise
-            except Exception:
-                logger.debug("reader ended with an error", exc_info=True)
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+        if self._reader_done is not None:
+            await self._reader_done.wait()
 
     # ------------------------------------------------------------------
     # public API
@@ -409,30 +363,34 @@ class Sandbox:
         process = SandboxProcess(self, exec_id, self._buffer_limit)
         self._process = process
         try:
-            async with _deadline(timeout, "starting the exec"):
+            with deadline(timeout, "starting the exec"):
                 await self._flush()
-                await asyncio.shield(process._started)
+                await process._started.wait()
         except SandboxTimeoutError:
             self._protocol.operation_timed_out("starting the exec")
             await self._settle()
+            raise
+        except anyio.get_cancelled_exc_class():
+            # Cancelled while starting: kill it once it starts, so the sandbox stays usable.
+            # The request may still be queued: send it, then the deferred kill follows RUNNING.
+            self._protocol.kill_process(exec_id)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                await self._flush()
             raise
         return process
 
     async def kill(self, *, timeout: float | None = DEFAULT_KILL_TIMEOUT) -> None:
         """Delete the sandbox on the server and close the connection."""
-        if self._ended.is_set():
-            await self._settle()
-            return
-        self._kill_waiter = asyncio.get_running_loop().create_future()
-        self._protocol.kill_sandbox()
-        self._dispatch()
-        try:
-            async with _deadline(timeout, "killing the sandbox"):
-                await self._flush()
-                await asyncio.shield(self._kill_waiter)
-        except SandboxTimeoutError:
-            self._protocol.kill_sandbox_timed_out()
-        finally:
+        if not self._ended.is_set():
+            self._protocol.kill_sandbox()
+            self._dispatch()
+            try:
+                with deadline(timeout, "killing the sandbox"):
+                    await self._flush()
+                    await self._kill_outcome.wait()
+            except SandboxTimeoutError:
+                self._protocol.kill_sandbox_timed_out()
+        with anyio.CancelScope(shield=True):
             await self._settle()
 
     async def checkpoint(self, *, timeout: float | None = DEFAULT_CHECKPOINT_TIMEOUT) -> None:
@@ -441,18 +399,18 @@ class Sandbox:
             self._protocol.checkpoint()
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        self._checkpoint_waiter = asyncio.get_running_loop().create_future()
+        self._checkpoint_outcome = Outcome()
         try:
-            async with _deadline(timeout, "checkpointing"):
+            with deadline(timeout, "checkpointing"):
                 await self._flush()
-                await asyncio.shield(self._checkpoint_waiter)
+                await self._checkpoint_outcome.wait()
         except SandboxTimeoutError:
             self._protocol.operation_timed_out("checkpoint")
-            await self._settle()
             raise
         finally:
             if self._protocol.is_ended:
-                await self._settle()
+                with anyio.CancelScope(shield=True):
+                    await self._settle()
 
     async def snapshot_filesystem(self, name: str, *, timeout: float | None = DEFAULT_SNAPSHOT_TIMEOUT) -> None:
         """Store the sandbox's files as snapshot ``name``, for ``create(filesystem_snapshot_name=...)``."""
@@ -460,11 +418,11 @@ class Sandbox:
             self._protocol.snapshot_filesystem(name)
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        self._snapshot_waiter = asyncio.get_running_loop().create_future()
+        self._snapshot_outcome = Outcome()
         try:
-            async with _deadline(timeout, "snapshotting the filesystem"):
+            with deadline(timeout, "snapshotting the filesystem"):
                 await self._flush()
-                await asyncio.shield(self._snapshot_waiter)
+                await self._snapshot_outcome.wait()
         except SandboxTimeoutError:
             self._protocol.snapshot_timed_out()
             raise
@@ -472,14 +430,16 @@ class Sandbox:
     async def close(self) -> None:
         """Detach from the sandbox and leave it running; attach again with its id and token."""
         self._protocol.close()
-        await self._settle()
+        with anyio.CancelScope(shield=True):
+            await self._settle()
 
     async def wait_closed(self, *, timeout: float | None = None) -> SandboxException | None:
         """Wait until the session ends; returns why (``None`` for a deliberate end)."""
-        await _bounded(self._ended.wait(), timeout, "waiting for the session to end")
+        with deadline(timeout, "waiting for the session to end"):
+            await self._ended.wait()
         return self._end_error
 
-    async def __aenter__(self) -> Sandbox:
+    async def __aenter__(self) -> Self:
         if self._setup is None:
             raise SandboxStateError("open the sandbox first: async with await Sandbox.create(...)")
         return self
@@ -488,17 +448,3 @@ class Sandbox:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.kill()
-
-
-def _resolve(waiter: asyncio.Future[None] | None, error: SandboxException | None) -> None:
-    if waiter is None or waiter.done():
-        return
-    if error is None:
-        waiter.set_result(None)
-    else:
-        waiter.set_exception(error)
-        waiter.exception()  # mark retrieved: the caller may have timed out already
-
-
-def _now() -> float:
-    return asyncio.get_running_loop().time()

@@ -5,6 +5,7 @@
 ...     print(await process.stdout.read_all())
 """
 
+from _sandbox_anyio import SandboxProcess, SandboxStream, Transport
 from sandbox_proto import (
     ReconnectPolicy,
     SandboxCheckpointError,
@@ -19,9 +20,7 @@ from sandbox_proto import (
     Status,
 )
 
-from ._process import SandboxProcess, SandboxStream
 from ._sandbox import Sandbox
-from ._transport import Transport
 
 __all__ = [
     "ReconnectPolicy",

@@ -13,17 +13,15 @@ import ssl as ssl_module
 
 import aiohttp
 
-from sandbox_proto import SandboxConnectionError, redact
-
-from ._transport import (
+from _sandbox_anyio import (
     CLOSE_TIMEOUT,
     MAX_MESSAGE_SIZE,
-    PING_INTERVAL,
+    PING_TIMEOUT,
     HandshakeRefused,
     TransportClosed,
     default_ssl_context,
-    http_hint,
 )
+from sandbox_proto import SandboxConnectionError, redact
 
 
 class AiohttpTransport:
@@ -46,16 +44,14 @@ class AiohttpTransport:
                 ssl=context if context is not None else True,
                 # aiohttp pings only when asked; heartbeat=N pings every N s and allows N/2 for the pong,
                 # so 40 gives the same 20 s to answer as the other transports.
-                heartbeat=PING_INTERVAL * 2,
+                heartbeat=PING_TIMEOUT * 2,
                 max_msg_size=MAX_MESSAGE_SIZE,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
                 autoclose=True,
                 autoping=True,
             )
         except aiohttp.WSServerHandshakeError as exc:
-            raise HandshakeRefused(
-                f"{safe}: server refused the WebSocket with HTTP {exc.status}{http_hint(exc.status)}", exc.status
-            ) from None
+            raise HandshakeRefused(safe, exc.status) from None
         except TimeoutError:
             raise SandboxConnectionError(f"{safe}: no WebSocket handshake within {timeout:g}s") from None
         except (aiohttp.ClientError, OSError) as exc:

@@ -12,9 +12,9 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
 
+from _sandbox_anyio import SandboxProcess, SandboxStream
 from sandbox_proto import SandboxException
 
-from ._process import SandboxProcess, SandboxStream
 from ._sandbox import Sandbox
 
 EXIT_FAILURE = 1

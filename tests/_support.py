@@ -7,8 +7,11 @@ import contextlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import sandbox_asyncio
+import sandbox_trio
 from sandbox_server import LocalServer
 
 
@@ -151,3 +154,28 @@ class CuttingProxy:
 
 async def _call(function: Callable[[], None]) -> None:
     function()
+
+
+@dataclass
+class Client:
+    """Opens sandboxes the way a user of one runtime and transport would."""
+
+    transport: str
+    nursery: Any = None
+
+    @property
+    def module(self) -> Any:
+        return sandbox_trio if self.transport == "trio" else sandbox_asyncio
+
+    def _options(self, options: dict[str, Any]) -> dict[str, Any]:
+        if self.transport == "aiohttp":
+            options.setdefault("transport", "aiohttp")
+        elif self.transport == "trio":
+            options.setdefault("nursery", self.nursery)
+        return options
+
+    def create(self, url: str, **options: Any) -> Any:
+        return self.module.Sandbox.create(url, **self._options(options))
+
+    def attach(self, url: str, sandbox_id: str, token: str, **options: Any) -> Any:
+        return self.module.Sandbox.attach(url, sandbox_id, token, **self._options(options))

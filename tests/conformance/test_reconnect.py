@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 
+import anyio
 import pytest
-from _support import CuttingProxy, ServerThread
+from _support import Client, CuttingProxy, ServerThread
 
-from sandbox_asyncio import ReconnectPolicy, Sandbox, SandboxConnectionError
+from sandbox_proto import ReconnectPolicy, SandboxConnectionError
 
 pytestmark = pytest.mark.anyio
 
@@ -20,45 +21,47 @@ print("got " + input(), flush=True)
 """
 
 
-async def _wait_until(predicate: object, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():  # type: ignore[operator]
-        if loop.time() > deadline:
+async def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll with a deadline: the proxy's thread and the client's loop share no event."""
+    deadline = anyio.current_time() + timeout
+    while not predicate():
+        if anyio.current_time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+        await anyio.sleep(0.005)
 
 
-async def test_twenty_cuts_lose_and_duplicate_nothing(server: ServerThread) -> None:
+async def test_twenty_cuts_lose_and_duplicate_nothing(client: Client, server: ServerThread) -> None:
     with CuttingProxy(server.url) as proxy:
-        sandbox = await Sandbox.create(proxy.url, enable_auto_reconnect=True)
+        sandbox = await client.create(proxy.url, enable_auto_reconnect=True)
         try:
             process = await sandbox.exec("python", PROGRAM)
             lines: list[str] = []
+            collected = anyio.Event()
 
             async def collect() -> None:
                 async for line in process.stdout:
                     lines.append(line)
+                collected.set()
 
-            collector = asyncio.create_task(collect())
-            for cut in range(20):
-                seen = len(lines)
-                await _wait_until(lambda seen=seen: len(lines) > seen + 20 or collector.done(), 30, "more output")
-                proxy.cut()
-                await _wait_until(lambda cut=cut: sandbox.reconnects > cut, 30, f"reconnect {cut + 1}")
             upstream = server.protocol == "upstream"  # type: ignore[attr-defined]
-            if upstream:
-                # Lines may be lost without seq, so there is no count to wait for.
-                await process.write_to_stdin("during the cut\n")
-            else:
-                # A cut with stdin written while the client is reconnecting.
-                await _wait_until(lambda: len(lines) >= 2000, 60, "all numbered lines")
-                proxy.cut(hold=True)
-                await _wait_until(lambda: sandbox.state == "reconnecting", 10, "the client to notice the cut")
-                await process.write_to_stdin("during the cut\n")
-                proxy.release()
-            await process.wait(timeout=60)
-            await collector
+            async with anyio.create_task_group() as group:
+                group.start_soon(collect)
+                for cut in range(20):
+                    seen = len(lines)
+                    await _wait_until(lambda seen=seen: len(lines) > seen + 20 or collected.is_set(), 30, "output")
+                    proxy.cut()
+                    await _wait_until(lambda cut=cut: sandbox.reconnects > cut, 30, f"reconnect {cut + 1}")
+                if upstream:
+                    # Lines may be lost without seq, so there is no count to wait for.
+                    await process.write_to_stdin("during the cut\n")
+                else:
+                    # A cut with stdin written while the client is reconnecting.
+                    await _wait_until(lambda: len(lines) >= 2000, 60, "all numbered lines")
+                    proxy.cut(hold=True)
+                    await _wait_until(lambda: sandbox.state == "reconnecting", 10, "the client to notice the cut")
+                    await process.write_to_stdin("during the cut\n")
+                    proxy.release()
+                await process.wait(timeout=60)
         finally:
             await sandbox.kill()
     numbered = [line for line in lines if line.startswith("line ")]
@@ -74,10 +77,10 @@ async def test_twenty_cuts_lose_and_duplicate_nothing(server: ServerThread) -> N
     assert not process.output_may_be_incomplete
 
 
-async def test_gives_up_when_the_server_is_gone(server: ServerThread) -> None:
+async def test_gives_up_when_the_server_is_gone(client: Client, server: ServerThread) -> None:
     proxy = CuttingProxy(server.url)
     with proxy:
-        sandbox = await Sandbox.create(
+        sandbox = await client.create(
             proxy.url,
             enable_auto_reconnect=True,
             reconnect_policy=ReconnectPolicy(initial_delay=0.05, max_delay=0.2, deadline=1.5),

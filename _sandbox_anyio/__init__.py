@@ -1,0 +1,50 @@
+"""The sandbox driver shared by ``sandbox_asyncio`` and ``sandbox_trio`` (private).
+
+Everything here runs on anyio, so both runtimes get the same behaviour from
+one implementation; each runtime package adds its transports and its way of
+running the background reader.
+"""
+
+from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, SandboxProcess, SandboxStream, deadline
+from ._sandbox import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STREAM_BUFFER,
+    BaseSandbox,
+    Spawn,
+    attach_protocol,
+    create_protocol,
+)
+from ._transport import (
+    CLOSE_TIMEOUT,
+    MAX_MESSAGE_SIZE,
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    USER_AGENT,
+    HandshakeRefused,
+    Transport,
+    TransportClosed,
+    default_ssl_context,
+)
+
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_KILL_TIMEOUT",
+    "DEFAULT_STREAM_BUFFER",
+    "DEFAULT_WAIT_TIMEOUT",
+    "MAX_MESSAGE_SIZE",
+    "PING_INTERVAL",
+    "PING_TIMEOUT",
+    "USER_AGENT",
+    "BaseSandbox",
+    "HandshakeRefused",
+    "SandboxProcess",
+    "SandboxStream",
+    "Spawn",
+    "Transport",
+    "TransportClosed",
+    "attach_protocol",
+    "create_protocol",
+    "deadline",
+    "default_ssl_context",
+]

@@ -1,0 +1,154 @@
+"""``Sandbox`` for trio: the shared driver, trio-websocket, and a nursery.
+
+The one difference from asyncio: a background reader must live in a nursery.
+``async with Sandbox.create(url) as sandbox`` opens one for the block; a
+sandbox that outlives a block takes the caller's: ``await Sandbox.create(url, nursery=n)``.
+"""
+
+from __future__ import annotations
+
+import ssl as ssl_module
+from collections.abc import Generator
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from _sandbox_anyio import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_STREAM_BUFFER,
+    BaseSandbox,
+    attach_protocol,
+    create_protocol,
+)
+from sandbox_proto import ClientProtocol, ReconnectPolicy, SandboxStateError
+
+from ._transport import TrioWebsocketTransport
+
+
+class _Opening:
+    """What ``Sandbox.create``/``attach`` return on trio.
+
+    ``async with`` opens a nursery for the sandbox's tasks and kills the sandbox
+    at the end; ``await`` needs ``nursery=`` (the sandbox then lives as long as it).
+    """
+
+    def __init__(self, sandbox: Sandbox, timeout: float | None, nursery: trio.Nursery | None) -> None:
+        self._sandbox = sandbox
+        self._timeout = timeout
+        self._nursery = nursery
+        self._own_nursery: AbstractAsyncContextManager[trio.Nursery] | None = None
+
+    def __await__(self) -> Generator[Any, None, Sandbox]:
+        if self._nursery is None:
+            raise SandboxStateError(
+                "on trio, use `async with Sandbox.create(...)`, or pass nursery= to keep the sandbox beyond a block"
+            )
+        return self._sandbox._open_in(self._nursery, self._timeout).__await__()
+
+    async def __aenter__(self) -> Sandbox:
+        if self._nursery is not None:
+            return await self._sandbox._open_in(self._nursery, self._timeout)
+        self._own_nursery = trio.open_nursery()
+        nursery = await self._own_nursery.__aenter__()
+        try:
+            return await self._sandbox._open_in(nursery, self._timeout)
+        except BaseException as exc:
+            await self._own_nursery.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if self._own_nursery is None:
+            await self._sandbox.__aexit__(exc_type, exc, tb)
+            return None
+        try:
+            await self._sandbox.__aexit__(exc_type, exc, tb)
+        except BaseException as error:
+            await self._own_nursery.__aexit__(type(error), error, error.__traceback__)
+            raise
+        return await self._own_nursery.__aexit__(exc_type, exc, tb)
+
+
+class Sandbox(BaseSandbox):
+    """A sandbox of the Cloud Run Sandbox service, on trio.
+
+    Same calls, options, return types and exceptions as ``sandbox_asyncio.Sandbox``.
+    """
+
+    _transport: TrioWebsocketTransport
+
+    def __init__(self, protocol: ClientProtocol, *, ssl: ssl_module.SSLContext | None, stream_buffer_size: int) -> None:
+        super().__init__(protocol, ssl=ssl, transport=TrioWebsocketTransport(), stream_buffer_size=stream_buffer_size)
+
+    async def _open_in(self, nursery: trio.Nursery, timeout: float | None) -> Sandbox:
+        self._transport.nursery = nursery
+        return await self._open(nursery.start_soon, timeout)
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        nursery: trio.Nursery | None = None,
+        idle_timeout: float | None = 60,
+        enable_sandbox_checkpoint: bool = False,
+        enable_idle_timeout_auto_checkpoint: bool = False,
+        enable_sandbox_handoff: bool = False,
+        filesystem_snapshot_name: str | None = None,
+        enable_debug: bool = False,
+        debug_label: str = "",
+        ssl: ssl_module.SSLContext | None = None,
+        enable_auto_reconnect: bool = False,
+        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        headers: dict[str, str] | None = None,
+        reconnect_policy: ReconnectPolicy | None = None,
+        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
+    ) -> _Opening:
+        """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
+        protocol = create_protocol(
+            url,
+            idle_timeout=idle_timeout,
+            enable_sandbox_checkpoint=enable_sandbox_checkpoint,
+            enable_idle_timeout_auto_checkpoint=enable_idle_timeout_auto_checkpoint,
+            enable_sandbox_handoff=enable_sandbox_handoff,
+            filesystem_snapshot_name=filesystem_snapshot_name,
+            enable_debug=enable_debug,
+            debug_label=debug_label,
+            enable_auto_reconnect=enable_auto_reconnect,
+            headers=headers,
+            reconnect_policy=reconnect_policy,
+        )
+        return _Opening(cls(protocol, ssl=ssl, stream_buffer_size=stream_buffer_size), timeout, nursery)
+
+    @classmethod
+    def attach(
+        cls,
+        url: str,
+        sandbox_id: str,
+        sandbox_token: str,
+        *,
+        nursery: trio.Nursery | None = None,
+        enable_debug: bool = False,
+        debug_label: str = "",
+        ssl: ssl_module.SSLContext | None = None,
+        enable_auto_reconnect: bool = False,
+        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+        headers: dict[str, str] | None = None,
+        reconnect_policy: ReconnectPolicy | None = None,
+        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
+    ) -> _Opening:
+        """Attach to an existing sandbox (restoring it if it was checkpointed)."""
+        protocol = attach_protocol(
+            url,
+            sandbox_id,
+            sandbox_token,
+            enable_debug=enable_debug,
+            debug_label=debug_label,
+            enable_auto_reconnect=enable_auto_reconnect,
+            headers=headers,
+            reconnect_policy=reconnect_policy,
+        )
+        return _Opening(cls(protocol, ssl=ssl, stream_buffer_size=stream_buffer_size), timeout, nursery)
