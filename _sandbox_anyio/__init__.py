@@ -5,6 +5,7 @@ one implementation; each runtime package adds its transports and its way of
 running the background reader.
 """
 
+from ._auth import TokenProvider, google_id_token_provider
 from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, SandboxProcess, SandboxStream, deadline
 from ._sandbox import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -41,10 +42,12 @@ __all__ = [
     "SandboxProcess",
     "SandboxStream",
     "Spawn",
+    "TokenProvider",
     "Transport",
     "TransportClosed",
     "attach_protocol",
     "create_protocol",
     "deadline",
+    "google_id_token_provider",
     "default_ssl_context",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl as ssl_module
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,7 +41,9 @@ from sandbox_proto import (
     SnapshotDone,
 )
 
-from ._process import DEFAULT_KILL_TIMEOUT, Outcome, SandboxProcess, deadline
+from . import _files
+from ._auth import TokenProvider, fetch_token, google_id_token_provider
+from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, Outcome, SandboxProcess, deadline
 from ._transport import CLOSE_TIMEOUT, HandshakeRefused, Transport, TransportClosed
 
 logger = logging.getLogger("sandbox")
@@ -143,7 +145,13 @@ class BaseSandbox:
         ssl: ssl_module.SSLContext | None,
         transport: Transport,
         stream_buffer_size: int,
+        token_provider: TokenProvider | None = None,
+        use_google_auth: bool = False,
+        url: str = "",
     ) -> None:
+        if use_google_auth and token_provider is None:
+            token_provider = google_id_token_provider(url)
+        self._token_provider = token_provider
         self._protocol = protocol
         self._ssl = ssl
         self._transport = transport
@@ -191,10 +199,11 @@ class BaseSandbox:
         handshake = self._protocol.handshake()
         self._protocol._debug("connecting to %s", handshake.safe_url)
         open_timeout = min(timeout or DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT)
+        headers = handshake.headers
         try:
-            cookies = await self._transport.connect(
-                handshake.url, handshake.headers, ssl=self._ssl, timeout=open_timeout
-            )
+            if self._token_provider is not None:
+                headers = {**headers, "Authorization": f"Bearer {await fetch_token(self._token_provider)}"}
+            cookies = await self._transport.connect(handshake.url, headers, ssl=self._ssl, timeout=open_timeout)
         except SandboxConnectionError as exc:
             status = exc.http_status if isinstance(exc, HandshakeRefused) else None
             self._protocol.connection_failed(exc, now=anyio.current_time(), http_status=status)
@@ -426,6 +435,29 @@ class BaseSandbox:
         except SandboxTimeoutError:
             self._protocol.snapshot_timed_out()
             raise
+
+    # -- files, over exec and stdin (so they also work against the upstream service)
+
+    async def write_file(self, path: str, data: bytes | str, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> None:
+        """Create or replace the file at ``path`` (relative to the exec's working directory)."""
+        await _files.write_file(self, path, data, timeout)
+
+    async def read_file(self, path: str, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> bytes:
+        """The whole content of the file at ``path``."""
+        return await _files.read_file(self, path, timeout)
+
+    async def read_text(
+        self, path: str, *, encoding: str = "utf-8", timeout: float | None = DEFAULT_WAIT_TIMEOUT
+    ) -> str:
+        return (await _files.read_file(self, path, timeout)).decode(encoding)
+
+    def iter_file(self, path: str, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> AsyncIterator[bytes]:
+        """The file's content in chunks, for files too large to hold at once."""
+        return _files.iter_file(self, path, timeout)
+
+    async def list_dir(self, path: str = ".", *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> list[str]:
+        """The names in directory ``path``, sorted."""
+        return await _files.list_dir(self, path, timeout)
 
     async def close(self) -> None:
         """Detach from the sandbox and leave it running; attach again with its id and token."""

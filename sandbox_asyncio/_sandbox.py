@@ -12,6 +12,7 @@ from _sandbox_anyio import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_STREAM_BUFFER,
     BaseSandbox,
+    TokenProvider,
     Transport,
     attach_protocol,
     create_protocol,
@@ -74,8 +75,19 @@ class Sandbox(BaseSandbox):
         ssl: ssl_module.SSLContext | None,
         transport: Transport,
         stream_buffer_size: int,
+        token_provider: TokenProvider | None = None,
+        use_google_auth: bool = False,
+        url: str = "",
     ) -> None:
-        super().__init__(protocol, ssl=ssl, transport=transport, stream_buffer_size=stream_buffer_size)
+        super().__init__(
+            protocol,
+            ssl=ssl,
+            transport=transport,
+            stream_buffer_size=stream_buffer_size,
+            token_provider=token_provider,
+            use_google_auth=use_google_auth,
+            url=url,
+        )
         # asyncio keeps only weak references to tasks: hold ours until they end.
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -104,6 +116,8 @@ class Sandbox(BaseSandbox):
         session: Any = None,
         reconnect_policy: ReconnectPolicy | None = None,
         stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
+        token_provider: TokenProvider | None = None,
+        use_google_auth: bool = False,
     ) -> _Opening:
         """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
         protocol = create_protocol(
@@ -120,7 +134,13 @@ class Sandbox(BaseSandbox):
             reconnect_policy=reconnect_policy,
         )
         sandbox = cls(
-            protocol, ssl=ssl, transport=_make_transport(transport, session), stream_buffer_size=stream_buffer_size
+            protocol,
+            ssl=ssl,
+            transport=_make_transport(transport, session),
+            stream_buffer_size=stream_buffer_size,
+            token_provider=token_provider,
+            use_google_auth=use_google_auth,
+            url=url,
         )
         return _Opening(sandbox, timeout)
 
@@ -141,6 +161,8 @@ class Sandbox(BaseSandbox):
         session: Any = None,
         reconnect_policy: ReconnectPolicy | None = None,
         stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
+        token_provider: TokenProvider | None = None,
+        use_google_auth: bool = False,
     ) -> _Opening:
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
         protocol = attach_protocol(
@@ -154,6 +176,12 @@ class Sandbox(BaseSandbox):
             reconnect_policy=reconnect_policy,
         )
         sandbox = cls(
-            protocol, ssl=ssl, transport=_make_transport(transport, session), stream_buffer_size=stream_buffer_size
+            protocol,
+            ssl=ssl,
+            transport=_make_transport(transport, session),
+            stream_buffer_size=stream_buffer_size,
+            token_provider=token_provider,
+            use_google_auth=use_google_auth,
+            url=url,
         )
         return _Opening(sandbox, timeout)

@@ -37,11 +37,13 @@ def attach_url(base: str, sandbox_id: str, sandbox_token: str) -> str:
 
 
 _TOKEN_IN_URL = re.compile(r"(sandbox_token=)[^&\s'\"]*")
+_BEARER = re.compile(r"(authorization:\s*\S+\s+)\S+", re.IGNORECASE)
 
 
 def redact(text: str, *secrets: str | None) -> str:
     """Hide tokens in a URL or message: the query parameter and any literal secret."""
     text = _TOKEN_IN_URL.sub(r"\1***", text)
+    text = _BEARER.sub(r"\1***", text)
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -76,6 +78,6 @@ class RedactingFilter(logging.Filter):
         message = record.getMessage()
         if '"sandbox_id"' in message:
             record.msg, record.args = "[sandbox_id frame, redacted]", ()
-        elif "sandbox_token" in message:
+        elif "sandbox_token" in message or "uthorization" in message:
             record.msg, record.args = redact(message), ()
         return True

@@ -19,6 +19,7 @@ from _sandbox_anyio import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_STREAM_BUFFER,
     BaseSandbox,
+    TokenProvider,
     attach_protocol,
     create_protocol,
 )
@@ -80,8 +81,25 @@ class Sandbox(BaseSandbox):
 
     _transport: TrioWebsocketTransport
 
-    def __init__(self, protocol: ClientProtocol, *, ssl: ssl_module.SSLContext | None, stream_buffer_size: int) -> None:
-        super().__init__(protocol, ssl=ssl, transport=TrioWebsocketTransport(), stream_buffer_size=stream_buffer_size)
+    def __init__(
+        self,
+        protocol: ClientProtocol,
+        *,
+        ssl: ssl_module.SSLContext | None,
+        stream_buffer_size: int,
+        token_provider: TokenProvider | None = None,
+        use_google_auth: bool = False,
+        url: str = "",
+    ) -> None:
+        super().__init__(
+            protocol,
+            ssl=ssl,
+            transport=TrioWebsocketTransport(),
+            stream_buffer_size=stream_buffer_size,
+            token_provider=token_provider,
+            use_google_auth=use_google_auth,
+            url=url,
+        )
 
     async def _open_in(self, nursery: trio.Nursery, timeout: float | None) -> Sandbox:
         self._transport.nursery = nursery
@@ -106,6 +124,8 @@ class Sandbox(BaseSandbox):
         headers: dict[str, str] | None = None,
         reconnect_policy: ReconnectPolicy | None = None,
         stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
+        token_provider: TokenProvider | None = None,
+        use_google_auth: bool = False,
     ) -> _Opening:
         """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
         protocol = create_protocol(
@@ -121,7 +141,15 @@ class Sandbox(BaseSandbox):
             headers=headers,
             reconnect_policy=reconnect_policy,
         )
-        return _Opening(cls(protocol, ssl=ssl, stream_buffer_size=stream_buffer_size), timeout, nursery)
+        sandbox = cls(
+            protocol,
+            ssl=ssl,
+            stream_buffer_size=stream_buffer_size,
+            token_provider=token_provider,
+            use_google_auth=use_google_auth,
+            url=url,
+        )
+        return _Opening(sandbox, timeout, nursery)
 
     @classmethod
     def attach(
@@ -139,6 +167,8 @@ class Sandbox(BaseSandbox):
         headers: dict[str, str] | None = None,
         reconnect_policy: ReconnectPolicy | None = None,
         stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
+        token_provider: TokenProvider | None = None,
+        use_google_auth: bool = False,
     ) -> _Opening:
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
         protocol = attach_protocol(
@@ -151,4 +181,12 @@ class Sandbox(BaseSandbox):
             headers=headers,
             reconnect_policy=reconnect_policy,
         )
-        return _Opening(cls(protocol, ssl=ssl, stream_buffer_size=stream_buffer_size), timeout, nursery)
+        sandbox = cls(
+            protocol,
+            ssl=ssl,
+            stream_buffer_size=stream_buffer_size,
+            token_provider=token_provider,
+            use_google_auth=use_google_auth,
+            url=url,
+        )
+        return _Opening(sandbox, timeout, nursery)

@@ -77,7 +77,9 @@ class CuttingProxy:
     abnormal close, the server a reset), like a network drop.
     """
 
-    def __init__(self, target_url: str) -> None:
+    def __init__(self, target_url: str, *, on_request: Callable[[str | None], None] | None = None) -> None:
+        #: Called with each handshake's Authorization header (``None`` if absent).
+        self._on_request = on_request
         host_port = target_url.split("://", 1)[1]
         host, port = host_port.rsplit(":", 1)
         self._target = (host, int(port))
@@ -115,6 +117,11 @@ class CuttingProxy:
             writer.transport.abort()
             return
         self._writers |= {writer, up_writer}
+        if self._on_request is not None:
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                head = await reader.readuntil(b"\r\n\r\n")
+                up_writer.write(head)
+                self._on_request(_header(head, "authorization"))
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
@@ -154,6 +161,14 @@ class CuttingProxy:
 
 async def _call(function: Callable[[], None]) -> None:
     function()
+
+
+def _header(head: bytes, name: str) -> str | None:
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
 
 
 @dataclass

@@ -1,0 +1,70 @@
+"""A token provider feeds `Authorization: Bearer` on every handshake, reconnects included."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import pytest
+from _support import Client, CuttingProxy, ServerThread
+
+from sandbox_proto import SandboxConnectionError
+
+pytestmark = pytest.mark.anyio
+
+
+class RecordingProvider:
+    """Hands out a new token per call, as a real provider would after expiry."""
+
+    def __init__(self) -> None:
+        self.issued: list[str] = []
+
+    def __call__(self) -> str:
+        self.issued.append(f"secret-token-{len(self.issued)}")
+        return self.issued[-1]
+
+
+async def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = anyio.current_time() + timeout
+    while not predicate():
+        if anyio.current_time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.01)
+
+
+async def test_provider_called_on_connect_and_reconnect_and_never_logged(
+    client: Client, server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    provider = RecordingProvider()
+    seen: list[str | None] = []
+    with CuttingProxy(server.url, on_request=seen.append) as proxy:
+        sandbox = await client.create(proxy.url, enable_auto_reconnect=True, token_provider=provider, enable_debug=True)
+        try:
+            process = await sandbox.exec("bash", "read line; echo got $line")
+            proxy.cut()
+            await _wait_until(lambda: sandbox.reconnects == 1, 20, "the reconnect")
+            await process.write_to_stdin("x\n")
+            assert await process.stdout.read_all(timeout=20) == "got x\n"
+        finally:
+            await sandbox.kill()
+    assert provider.issued == ["secret-token-0", "secret-token-1"]
+    assert seen[:2] == ["Bearer secret-token-0", "Bearer secret-token-1"]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "secret-token" not in logged
+
+
+async def test_async_provider_and_its_failure(client: Client, url: str) -> None:
+    async def provider() -> str:
+        return "async-token"
+
+    async with client.create(url, token_provider=provider) as sandbox:
+        process = await sandbox.exec("bash", "echo ok")
+        assert await process.stdout.read_all() == "ok\n"
+
+    def broken() -> str:
+        raise RuntimeError("no credentials here")
+
+    with pytest.raises(SandboxConnectionError, match="token provider failed"):
+        await client.create(url, token_provider=broken)
