@@ -10,10 +10,13 @@ from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, SandboxProcess
 from ._sandbox import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_STREAM_BUFFER,
+    AttachOptions,
     BaseSandbox,
+    CreateOptions,
     Spawn,
     attach_protocol,
     create_protocol,
+    open_timeout,
 )
 from ._transport import (
     CLOSE_TIMEOUT,
@@ -28,6 +31,8 @@ from ._transport import (
 )
 
 __all__ = [
+    "AttachOptions",
+    "CreateOptions",
     "CLOSE_TIMEOUT",
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_KILL_TIMEOUT",
@@ -48,6 +53,7 @@ __all__ = [
     "attach_protocol",
     "create_protocol",
     "deadline",
+    "open_timeout",
     "google_id_token_provider",
     "default_ssl_context",
 ]

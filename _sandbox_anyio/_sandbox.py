@@ -11,7 +11,7 @@ import logging
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Callable, Coroutine
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypedDict
 
 import anyio
 
@@ -73,62 +73,64 @@ def debug_log(enabled: bool) -> logging.Logger:
     return _debug_logger
 
 
-def create_protocol(
-    url: str,
-    *,
-    idle_timeout: float | None,
-    enable_sandbox_checkpoint: bool,
-    enable_idle_timeout_auto_checkpoint: bool,
-    enable_sandbox_handoff: bool,
-    filesystem_snapshot_name: str | None,
-    enable_debug: bool,
-    debug_label: str,
-    enable_auto_reconnect: bool,
-    headers: dict[str, str] | None,
-    reconnect_policy: ReconnectPolicy | None,
-) -> ClientProtocol:
+class AttachOptions(TypedDict, total=False):
+    """Options of ``Sandbox.attach`` on every runtime (defaults in the README's table)."""
+
+    enable_debug: bool
+    debug_label: str
+    ssl: ssl_module.SSLContext | None
+    enable_auto_reconnect: bool
+    timeout: float | None
+    headers: dict[str, str] | None
+    reconnect_policy: ReconnectPolicy | None
+    stream_buffer_size: int
+    token_provider: TokenProvider | None
+    use_google_auth: bool
+
+
+class CreateOptions(AttachOptions, total=False):
+    """Options of ``Sandbox.create``: those of attach, plus what shapes a new sandbox."""
+
+    idle_timeout: float | None
+    enable_sandbox_checkpoint: bool
+    enable_idle_timeout_auto_checkpoint: bool
+    enable_sandbox_handoff: bool
+    filesystem_snapshot_name: str | None
+
+
+def _client_protocol(url: str, options: AttachOptions, **identity: Any) -> ClientProtocol:
+    return ClientProtocol(
+        url,
+        auto_reconnect=options.get("enable_auto_reconnect", False),
+        reconnect_policy=options.get("reconnect_policy"),
+        headers=options.get("headers"),
+        label=options.get("debug_label", ""),
+        log=debug_log(options.get("enable_debug", False)),
+        **identity,
+    )
+
+
+def create_protocol(url: str, options: CreateOptions) -> ClientProtocol:
     """The core for ``Sandbox.create``, from the options of the upstream client."""
+    idle_timeout = options.get("idle_timeout", 60)
     init = InitRequest(
         idle_timeout=idle_timeout,
-        enable_checkpoint=enable_sandbox_checkpoint,
-        enable_idle_timeout_auto_checkpoint=enable_idle_timeout_auto_checkpoint,
-        enable_sandbox_handoff=enable_sandbox_handoff,
-        filesystem_snapshot_name=filesystem_snapshot_name,
+        enable_checkpoint=options.get("enable_sandbox_checkpoint", False),
+        enable_idle_timeout_auto_checkpoint=options.get("enable_idle_timeout_auto_checkpoint", False),
+        enable_sandbox_handoff=options.get("enable_sandbox_handoff", False),
+        filesystem_snapshot_name=options.get("filesystem_snapshot_name"),
         send_null_idle_timeout=idle_timeout is None,
     )
-    return ClientProtocol(
-        url,
-        init=init,
-        auto_reconnect=enable_auto_reconnect,
-        reconnect_policy=reconnect_policy,
-        headers=headers,
-        label=debug_label,
-        log=debug_log(enable_debug),
-    )
+    return _client_protocol(url, options, init=init)
 
 
-def attach_protocol(
-    url: str,
-    sandbox_id: str,
-    sandbox_token: str,
-    *,
-    enable_debug: bool,
-    debug_label: str,
-    enable_auto_reconnect: bool,
-    headers: dict[str, str] | None,
-    reconnect_policy: ReconnectPolicy | None,
-) -> ClientProtocol:
+def attach_protocol(url: str, sandbox_id: str, sandbox_token: str, options: AttachOptions) -> ClientProtocol:
     """The core for ``Sandbox.attach``."""
-    return ClientProtocol(
-        url,
-        sandbox_id=sandbox_id,
-        sandbox_token=sandbox_token,
-        auto_reconnect=enable_auto_reconnect,
-        reconnect_policy=reconnect_policy,
-        headers=headers,
-        label=debug_label,
-        log=debug_log(enable_debug),
-    )
+    return _client_protocol(url, options, sandbox_id=sandbox_id, sandbox_token=sandbox_token)
+
+
+def open_timeout(options: AttachOptions) -> float | None:
+    return options.get("timeout", DEFAULT_CONNECT_TIMEOUT)
 
 
 class BaseSandbox:
@@ -138,24 +140,15 @@ class BaseSandbox:
     detaches and leaves it running.
     """
 
-    def __init__(
-        self,
-        protocol: ClientProtocol,
-        *,
-        ssl: ssl_module.SSLContext | None,
-        transport: Transport,
-        stream_buffer_size: int,
-        token_provider: TokenProvider | None = None,
-        use_google_auth: bool = False,
-        url: str = "",
-    ) -> None:
-        if use_google_auth and token_provider is None:
+    def __init__(self, url: str, protocol: ClientProtocol, transport: Transport, options: AttachOptions) -> None:
+        token_provider = options.get("token_provider")
+        if options.get("use_google_auth") and token_provider is None:
             token_provider = google_id_token_provider(url)
         self._token_provider = token_provider
         self._protocol = protocol
-        self._ssl = ssl
+        self._ssl = options.get("ssl")
         self._transport = transport
-        self._buffer_limit = stream_buffer_size
+        self._buffer_limit = options.get("stream_buffer_size", DEFAULT_STREAM_BUFFER)
         self._send_lock = anyio.Lock()
         self._spawn: Spawn | None = None
         self._setup: Outcome | None = None

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import ssl as ssl_module
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from _sandbox_anyio import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_STREAM_BUFFER,
+    AttachOptions,
     BaseSandbox,
-    TokenProvider,
+    CreateOptions,
     Transport,
     attach_protocol,
     create_protocol,
+    open_timeout,
 )
-from sandbox_proto import ClientProtocol, ReconnectPolicy
+from sandbox_proto import ClientProtocol
 
 from ._websockets import WebsocketsTransport
 
@@ -64,30 +63,13 @@ class _Opening:
 class Sandbox(BaseSandbox):
     """A sandbox of the Cloud Run Sandbox service, on asyncio.
 
-    Make one with :meth:`create` or :meth:`attach`. Leaving ``async with``
-    kills the sandbox (as upstream); :meth:`close` detaches and leaves it running.
+    Make one with :meth:`create` or :meth:`attach`; the options are those of
+    the README's table. Leaving ``async with`` kills the sandbox (as upstream);
+    :meth:`close` detaches and leaves it running.
     """
 
-    def __init__(
-        self,
-        protocol: ClientProtocol,
-        *,
-        ssl: ssl_module.SSLContext | None,
-        transport: Transport,
-        stream_buffer_size: int,
-        token_provider: TokenProvider | None = None,
-        use_google_auth: bool = False,
-        url: str = "",
-    ) -> None:
-        super().__init__(
-            protocol,
-            ssl=ssl,
-            transport=transport,
-            stream_buffer_size=stream_buffer_size,
-            token_provider=token_provider,
-            use_google_auth=use_google_auth,
-            url=url,
-        )
+    def __init__(self, url: str, protocol: ClientProtocol, transport: Transport, options: AttachOptions) -> None:
+        super().__init__(url, protocol, transport, options)
         # asyncio keeps only weak references to tasks: hold ours until they end.
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -101,48 +83,16 @@ class Sandbox(BaseSandbox):
         cls,
         url: str,
         *,
-        idle_timeout: float | None = 60,
-        enable_sandbox_checkpoint: bool = False,
-        enable_idle_timeout_auto_checkpoint: bool = False,
-        enable_sandbox_handoff: bool = False,
-        filesystem_snapshot_name: str | None = None,
-        enable_debug: bool = False,
-        debug_label: str = "",
-        ssl: ssl_module.SSLContext | None = None,
-        enable_auto_reconnect: bool = False,
-        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        headers: dict[str, str] | None = None,
         transport: TransportName | Transport = "websockets",
         session: Any = None,
-        reconnect_policy: ReconnectPolicy | None = None,
-        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
-        token_provider: TokenProvider | None = None,
-        use_google_auth: bool = False,
+        **options: Unpack[CreateOptions],
     ) -> _Opening:
-        """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
-        protocol = create_protocol(
-            url,
-            idle_timeout=idle_timeout,
-            enable_sandbox_checkpoint=enable_sandbox_checkpoint,
-            enable_idle_timeout_auto_checkpoint=enable_idle_timeout_auto_checkpoint,
-            enable_sandbox_handoff=enable_sandbox_handoff,
-            filesystem_snapshot_name=filesystem_snapshot_name,
-            enable_debug=enable_debug,
-            debug_label=debug_label,
-            enable_auto_reconnect=enable_auto_reconnect,
-            headers=headers,
-            reconnect_policy=reconnect_policy,
-        )
-        sandbox = cls(
-            protocol,
-            ssl=ssl,
-            transport=_make_transport(transport, session),
-            stream_buffer_size=stream_buffer_size,
-            token_provider=token_provider,
-            use_google_auth=use_google_auth,
-            url=url,
-        )
-        return _Opening(sandbox, timeout)
+        """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry.
+
+        ``transport="aiohttp"`` uses aiohttp, with your ``session=`` if you give one.
+        """
+        sandbox = cls(url, create_protocol(url, options), _make_transport(transport, session), options)
+        return _Opening(sandbox, open_timeout(options))
 
     @classmethod
     def attach(
@@ -151,37 +101,10 @@ class Sandbox(BaseSandbox):
         sandbox_id: str,
         sandbox_token: str,
         *,
-        enable_debug: bool = False,
-        debug_label: str = "",
-        ssl: ssl_module.SSLContext | None = None,
-        enable_auto_reconnect: bool = False,
-        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        headers: dict[str, str] | None = None,
         transport: TransportName | Transport = "websockets",
         session: Any = None,
-        reconnect_policy: ReconnectPolicy | None = None,
-        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
-        token_provider: TokenProvider | None = None,
-        use_google_auth: bool = False,
+        **options: Unpack[AttachOptions],
     ) -> _Opening:
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
-        protocol = attach_protocol(
-            url,
-            sandbox_id,
-            sandbox_token,
-            enable_debug=enable_debug,
-            debug_label=debug_label,
-            enable_auto_reconnect=enable_auto_reconnect,
-            headers=headers,
-            reconnect_policy=reconnect_policy,
-        )
-        sandbox = cls(
-            protocol,
-            ssl=ssl,
-            transport=_make_transport(transport, session),
-            stream_buffer_size=stream_buffer_size,
-            token_provider=token_provider,
-            use_google_auth=use_google_auth,
-            url=url,
-        )
-        return _Opening(sandbox, timeout)
+        protocol = attach_protocol(url, sandbox_id, sandbox_token, options)
+        return _Opening(cls(url, protocol, _make_transport(transport, session), options), open_timeout(options))

@@ -7,23 +7,22 @@ sandbox that outlives a block takes the caller's: ``await Sandbox.create(url, nu
 
 from __future__ import annotations
 
-import ssl as ssl_module
 from collections.abc import Generator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
 from _sandbox_anyio import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_STREAM_BUFFER,
+    AttachOptions,
     BaseSandbox,
-    TokenProvider,
+    CreateOptions,
     attach_protocol,
     create_protocol,
+    open_timeout,
 )
-from sandbox_proto import ClientProtocol, ReconnectPolicy, SandboxStateError
+from sandbox_proto import SandboxStateError
 
 from ._transport import TrioWebsocketTransport
 
@@ -76,80 +75,21 @@ class _Opening:
 class Sandbox(BaseSandbox):
     """A sandbox of the Cloud Run Sandbox service, on trio.
 
-    Same calls, options, return types and exceptions as ``sandbox_asyncio.Sandbox``.
+    Same calls, options, return types and exceptions as ``sandbox_asyncio.Sandbox``,
+    plus ``nursery=`` for a sandbox that outlives one ``async with`` block.
     """
 
     _transport: TrioWebsocketTransport
-
-    def __init__(
-        self,
-        protocol: ClientProtocol,
-        *,
-        ssl: ssl_module.SSLContext | None,
-        stream_buffer_size: int,
-        token_provider: TokenProvider | None = None,
-        use_google_auth: bool = False,
-        url: str = "",
-    ) -> None:
-        super().__init__(
-            protocol,
-            ssl=ssl,
-            transport=TrioWebsocketTransport(),
-            stream_buffer_size=stream_buffer_size,
-            token_provider=token_provider,
-            use_google_auth=use_google_auth,
-            url=url,
-        )
 
     async def _open_in(self, nursery: trio.Nursery, timeout: float | None) -> Sandbox:
         self._transport.nursery = nursery
         return await self._open(nursery.start_soon, timeout)
 
     @classmethod
-    def create(
-        cls,
-        url: str,
-        *,
-        nursery: trio.Nursery | None = None,
-        idle_timeout: float | None = 60,
-        enable_sandbox_checkpoint: bool = False,
-        enable_idle_timeout_auto_checkpoint: bool = False,
-        enable_sandbox_handoff: bool = False,
-        filesystem_snapshot_name: str | None = None,
-        enable_debug: bool = False,
-        debug_label: str = "",
-        ssl: ssl_module.SSLContext | None = None,
-        enable_auto_reconnect: bool = False,
-        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        headers: dict[str, str] | None = None,
-        reconnect_policy: ReconnectPolicy | None = None,
-        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
-        token_provider: TokenProvider | None = None,
-        use_google_auth: bool = False,
-    ) -> _Opening:
+    def create(cls, url: str, *, nursery: trio.Nursery | None = None, **options: Unpack[CreateOptions]) -> _Opening:
         """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
-        protocol = create_protocol(
-            url,
-            idle_timeout=idle_timeout,
-            enable_sandbox_checkpoint=enable_sandbox_checkpoint,
-            enable_idle_timeout_auto_checkpoint=enable_idle_timeout_auto_checkpoint,
-            enable_sandbox_handoff=enable_sandbox_handoff,
-            filesystem_snapshot_name=filesystem_snapshot_name,
-            enable_debug=enable_debug,
-            debug_label=debug_label,
-            enable_auto_reconnect=enable_auto_reconnect,
-            headers=headers,
-            reconnect_policy=reconnect_policy,
-        )
-        sandbox = cls(
-            protocol,
-            ssl=ssl,
-            stream_buffer_size=stream_buffer_size,
-            token_provider=token_provider,
-            use_google_auth=use_google_auth,
-            url=url,
-        )
-        return _Opening(sandbox, timeout, nursery)
+        sandbox = cls(url, create_protocol(url, options), TrioWebsocketTransport(), options)
+        return _Opening(sandbox, open_timeout(options), nursery)
 
     @classmethod
     def attach(
@@ -159,34 +99,8 @@ class Sandbox(BaseSandbox):
         sandbox_token: str,
         *,
         nursery: trio.Nursery | None = None,
-        enable_debug: bool = False,
-        debug_label: str = "",
-        ssl: ssl_module.SSLContext | None = None,
-        enable_auto_reconnect: bool = False,
-        timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-        headers: dict[str, str] | None = None,
-        reconnect_policy: ReconnectPolicy | None = None,
-        stream_buffer_size: int = DEFAULT_STREAM_BUFFER,
-        token_provider: TokenProvider | None = None,
-        use_google_auth: bool = False,
+        **options: Unpack[AttachOptions],
     ) -> _Opening:
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
-        protocol = attach_protocol(
-            url,
-            sandbox_id,
-            sandbox_token,
-            enable_debug=enable_debug,
-            debug_label=debug_label,
-            enable_auto_reconnect=enable_auto_reconnect,
-            headers=headers,
-            reconnect_policy=reconnect_policy,
-        )
-        sandbox = cls(
-            protocol,
-            ssl=ssl,
-            stream_buffer_size=stream_buffer_size,
-            token_provider=token_provider,
-            use_google_auth=use_google_auth,
-            url=url,
-        )
-        return _Opening(sandbox, timeout, nursery)
+        protocol = attach_protocol(url, sandbox_id, sandbox_token, options)
+        return _Opening(cls(url, protocol, TrioWebsocketTransport(), options), open_timeout(options), nursery)
