@@ -8,5 +8,6 @@ Run it with ``python -m sandbox_server``, or embed it::
 
 from ._app import LocalServer
 from ._cli import main
+from ._isolation import IsolationError, Limits
 
-__all__ = ["LocalServer", "main"]
+__all__ = ["IsolationError", "Limits", "LocalServer", "main"]

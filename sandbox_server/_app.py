@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import secrets
 import shutil
+import ssl as ssl_module
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ from sandbox_proto import (
     StdinReceived,
 )
 
+from ._isolation import IsolationMode, Limits, select_isolation
 from ._sandbox import (
     DEFAULT_OUTPUT_LIMIT,
     CheckpointError,
@@ -71,6 +74,8 @@ AFFINITY_COOKIE = "SANDBOX_AFFINITY"
 _BATCH = 256
 #: How long a deletion waits for a stream to send its DONE.
 _STREAM_END_TIMEOUT = 5.0
+#: Stdin a connection may have queued beyond what the rate limit lets through, in seconds of the rate.
+_STDIN_BACKLOG_SECONDS = 8
 
 
 _ws_logger = logging.getLogger("sandbox_server.websockets")
@@ -113,6 +118,15 @@ def _json_response(connection: ServerConnection, status: int, body: dict[str, An
     return response
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "" / "0.0.0.0"-like wildcards: assume reachable
+
+
 def _is_upgrade(headers: Headers) -> bool:
     return any(value.strip().lower() == "websocket" for value in headers.get_all("Upgrade"))
 
@@ -141,6 +155,8 @@ class _Connection:
         self._cursor = 0
         self._stdin_queue: asyncio.Queue[tuple[Execution, str | None]] = asyncio.Queue()
         self._stdin_task: asyncio.Task[None] | None = None
+        #: Stdin bytes queued and not yet written to the process.
+        self._stdin_backlog = 0
 
     # -- sending -------------------------------------------------------------
 
@@ -303,21 +319,50 @@ class _Connection:
         execution = sandbox.execution
         if execution is None or not execution.running:
             return
+        if data is not None:
+            rate = self.manager.isolation.limits.stdin_rate
+            size = len(data.encode("utf-8", "surrogatepass"))
+            # Throttled writes queue up here; past a few seconds' worth the client is flooding.
+            if rate and self._stdin_backlog and self._stdin_backlog + size > rate * _STDIN_BACKLOG_SECONDS:
+                self.proto.send_error(
+                    Status.SANDBOX_ERROR, f"Stdin rate limit exceeded ({rate} bytes/s): the data was dropped."
+                )
+                return
+            self._stdin_backlog += size
         self._stdin_queue.put_nowait((execution, data))
         if self._stdin_task is None:
             self._stdin_task = asyncio.create_task(self._write_stdin_forever())
 
     async def _write_stdin_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        rate = self.manager.isolation.limits.stdin_rate
+        # Token bucket, one second deep; a write may overdraw it and the next one waits.
+        tokens = float(rate)
+        refilled = loop.time()
+        current: Execution | None = None
         while True:
             execution, data = await self._stdin_queue.get()
             if data is None:
                 execution.close_stdin()
                 continue
+            size = len(data.encode("utf-8", "surrogatepass"))
             try:
+                if rate:
+                    if execution is not current:
+                        current, tokens, refilled = execution, float(rate), loop.time()
+                    now = loop.time()
+                    tokens = min(float(rate), tokens + (now - refilled) * rate)
+                    refilled = now
+                    if tokens < 0:
+                        await asyncio.sleep(-tokens / rate)
+                        tokens, refilled = 0.0, loop.time()
+                    tokens -= size
                 await execution.write_stdin(data)
             except OSError as exc:
                 self.proto.send_error(Status.SANDBOX_ERROR, f"Failed to write to stdin: {exc.strerror or exc}")
                 await self.flush()
+            finally:
+                self._stdin_backlog -= size
 
     def _kill_process(self, sandbox: Sandbox) -> None:
         execution = sandbox.execution
@@ -475,8 +520,17 @@ class LocalServer:
         lease_renewal_interval: float = 20.0,
         lock_wait_timeout: float = 30.0,
         handoff_poll_interval: float = 1.0,
+        isolation: IsolationMode = "auto",
+        limits: Limits | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         """``checkpoints``/``snapshots`` switch storage off for the "not enabled" paths (11.1).
+
+        ``isolation`` is ``"bwrap"`` (every exec under bubblewrap; startup fails
+        without it), ``"none"`` (plain processes) or ``"auto"`` (bwrap when it
+        works here, else none with a warning). ``limits`` are the per-sandbox
+        resource limits (:class:`Limits`, defaults when omitted). With ``ssl``
+        the server speaks ``wss://`` and :attr:`url` is ``https://...``.
 
         Several servers (processes or objects) given the same ``state_dir`` act
         as instances of one service: they share checkpoints, snapshots and the
@@ -490,6 +544,11 @@ class LocalServer:
             raise ValueError("lease_renewal_interval must be positive and shorter than lease_duration")
         if protocol not in ("upstream", "extended"):
             raise ValueError(f"protocol must be 'upstream' or 'extended', not {protocol!r}")
+        if isolation not in ("auto", "bwrap", "none"):
+            raise ValueError(f"isolation must be 'auto', 'bwrap' or 'none', not {isolation!r}")
+        self.isolation: IsolationMode = isolation
+        self.limits = limits if limits is not None else Limits()
+        self.ssl = ssl
         self.host = host
         self.port = port
         self.protocol: ProtocolMode = protocol
@@ -502,7 +561,7 @@ class LocalServer:
         self._idle_sweep_interval = idle_sweep_interval
         self.checkpoints = checkpoints
         self.snapshots = snapshots
-        self._lease_options = {
+        self._lease_options: dict[str, float] = {
             "lease_duration": lease_duration,
             "lease_renewal_interval": lease_renewal_interval,
             "lock_wait_timeout": lock_wait_timeout,
@@ -527,7 +586,8 @@ class LocalServer:
         if self._server is None:
             raise RuntimeError("the server is not started")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.ssl is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     async def __aenter__(self) -> LocalServer:
         await self.start()
@@ -543,6 +603,13 @@ class LocalServer:
             self._temporary_state = Path(tempfile.mkdtemp(prefix="sandbox-server-"))
         state_dir = self._state_dir or self._temporary_state
         assert state_dir is not None
+        try:
+            isolation = await select_isolation(self.isolation, self.limits)
+        except BaseException:
+            self._remove_temporary_state()
+            raise
+        if self.ssl is None and not _is_loopback(self.host):
+            logger.warning("listening on %s without TLS: tokens and code cross the network in clear", self.host)
         self._manager = SandboxManager(
             state_dir,
             instance_id=self.instance_id,
@@ -550,7 +617,12 @@ class LocalServer:
             snapshots_enabled=self.snapshots,
             output_limit=self._output_limit,
             idle_sweep_interval=self._idle_sweep_interval,
-            **self._lease_options,
+            isolation=isolation,
+            lease_duration=self._lease_options["lease_duration"],
+            lease_renewal_interval=self._lease_options["lease_renewal_interval"],
+            lock_wait_timeout=self._lease_options["lock_wait_timeout"],
+            handoff_poll_interval=self._lease_options["handoff_poll_interval"],
+            lock_poll_interval=self._lease_options["lock_poll_interval"],
         )
         await self._manager.start()
         try:
@@ -561,6 +633,7 @@ class LocalServer:
                 process_request=self._process_request,
                 process_response=self._process_response,
                 max_size=MAX_MESSAGE_SIZE,
+                ssl=self.ssl,
                 ping_interval=20,
                 ping_timeout=20,
                 logger=_ws_logger,

@@ -6,14 +6,38 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
+import ssl
 import sys
 
 from ._app import LocalServer
+from ._isolation import IsolationError, Limits
 
 __all__ = ["add_arguments", "main"]
 
 logger = logging.getLogger("sandbox_server")
+
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G (binary) suffix: ``64M``."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 512K, 64M, 1G)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a non-negative integer: {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +85,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds an attach waits for another instance to hand a sandbox over (default: 30)",
     )
     parser.add_argument(
+        "--isolation",
+        choices=("auto", "bwrap", "none"),
+        default="auto",
+        help="how execs are confined: 'bwrap' (bubblewrap; fail if it is missing), 'none' (plain processes), "
+        "'auto' (bwrap if it works here, else none with a warning) (default: auto)",
+    )
+    defaults = Limits()
+    parser.add_argument(
+        "--memory-limit",
+        type=_size,
+        default=defaults.memory,
+        help="address space of each sandbox process (RLIMIT_AS), 0 for none (default: 1G)",
+    )
+    parser.add_argument(
+        "--cpu-limit",
+        type=_count,
+        default=defaults.cpu_seconds,
+        help="CPU seconds of each sandbox process (RLIMIT_CPU), 0 for none (default: 60)",
+    )
+    parser.add_argument(
+        "--process-limit",
+        type=_count,
+        default=defaults.processes,
+        help="processes per sandbox (RLIMIT_NPROC; enforced under bwrap when the server runs as root), "
+        "0 for none (default: 256)",
+    )
+    parser.add_argument(
+        "--output-limit",
+        type=_size,
+        default=defaults.output,
+        help="stdout+stderr bytes per exec; beyond it the exec is killed, 0 for none (default: 64M)",
+    )
+    parser.add_argument(
+        "--code-limit",
+        type=_size,
+        default=defaults.code,
+        help="largest code of one exec request, 0 for none (default: 4M)",
+    )
+    parser.add_argument(
+        "--stdin-rate",
+        type=_size,
+        default=defaults.stdin_rate,
+        help="stdin bytes per second per exec; faster writes are throttled, a backlog past 8 s of it is "
+        "refused with an error frame, 0 for none (default: 4M)",
+    )
+    parser.add_argument("--certfile", default=None, help="PEM certificate chain: serve wss:// (needs --keyfile)")
+    parser.add_argument("--keyfile", default=None, help="PEM private key of --certfile")
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -68,7 +140,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    if certfile is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+async def _serve(args: argparse.Namespace, tls: ssl.SSLContext | None) -> None:
+    limits = Limits(
+        memory=args.memory_limit,
+        cpu_seconds=args.cpu_limit,
+        processes=args.process_limit,
+        output=args.output_limit,
+        code=args.code_limit,
+        stdin_rate=args.stdin_rate,
+    )
     server = LocalServer(
         host=args.host,
         port=args.port,
@@ -79,6 +167,9 @@ async def _serve(args: argparse.Namespace) -> None:
         lease_duration=args.lease_duration,
         lease_renewal_interval=args.lease_renewal_interval,
         lock_wait_timeout=args.lock_wait_timeout,
+        isolation=args.isolation,
+        limits=limits,
+        ssl=tls,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -103,12 +194,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.lease_renewal_interval < args.lease_duration:
         parser.error("--lease-renewal-interval must be positive and shorter than --lease-duration")
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
         # websockets' per-connection chatter is noise at INFO.
         logging.getLogger("sandbox_server.websockets").setLevel(logging.WARNING)
     try:
-        asyncio.run(_serve(args))
+        tls = _tls_context(args.certfile, args.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        logger.error("cannot load the TLS certificate or key: %s", exc)
+        return 1
+    try:
+        asyncio.run(_serve(args, tls))
+    except IsolationError as exc:
+        logger.error("cannot start the server: %s", exc)
+        return 1
     except OSError as exc:
         logger.error("cannot start the server: %s", exc)
         return 1

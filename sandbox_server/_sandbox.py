@@ -38,6 +38,7 @@ from sandbox_proto import (
     valid_snapshot_name,
 )
 
+from ._isolation import BwrapIsolation, Command, Isolation, Limits, NoIsolation
 from ._lease import HeldLease, LeaseError, LeaseStore, Waiter
 from ._storage import MetadataError, SandboxRecord, Storage
 
@@ -66,8 +67,6 @@ DEFAULT_OUTPUT_LIMIT = 16 * 2**20
 STOPPED_STATE = "SandboxState.STOPPED"
 #: How long a killed exec may keep its pipes open (escaped grandchildren) before we close them.
 KILL_PIPE_GRACE = 1.0
-
-_STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ExecutionStartError(Exception):
@@ -256,24 +255,42 @@ class Execution:
         self._stdin_closed = False
         self._stdin_signal = _Signal()
         self._kill_timer: asyncio.TimerHandle | None = None
+        limits = sandbox.manager.isolation.limits
+        #: Bytes both streams may still carry before the exec is ended (0 = no cap).
+        self._output_left = limits.output or -1
+        self.output_exceeded = False
 
     @property
     def running(self) -> bool:
         return not self.finished.is_set()
 
-    async def start(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+    async def start(self, command: Command, cwd: Path) -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.subprocess_exec(
-            lambda: _ExecProtocol(self),
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            # Own process group, so a kill reaches everything the exec started (S14).
-            start_new_session=True,
-        )
+        pass_fds: tuple[int, ...] = ()
+        if command.piped_args is not None:
+            read_end, write_end = os.pipe()
+            pass_fds = (read_end,)
+            try:
+                # A few KiB: fits in the pipe buffer, so this cannot block.
+                os.write(write_end, b"".join(arg.encode() + b"\0" for arg in command.piped_args))
+            finally:
+                os.close(write_end)
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _ExecProtocol(self),
+                *command.spawn_argv(pass_fds[0] if pass_fds else -1),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=cwd,
+                env=command.env,
+                pass_fds=pass_fds,
+                # Own process group, so a kill reaches everything the exec started (S14).
+                start_new_session=True,
+            )
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         self._transport = transport
         self.pid = transport.get_pid()
         self.sandbox.process_groups.add(self.pid)
@@ -288,6 +305,13 @@ class Execution:
         stream: Stream = "stdout" if fd == 1 else "stderr"
         decoder = self._decoders[fd]
         log = self.sandbox.log
+        if self._output_left >= 0:
+            if len(data) > self._output_left:
+                data = data[: self._output_left]
+                self._output_left = 0
+                self.output_exceeded = True
+            else:
+                self._output_left -= len(data)
         # One frame per 1024-byte piece; the incremental decoder carries a split
         # character over to the next piece instead of losing the stream (S2).
         for start in range(0, len(data), READ_SIZE):
@@ -295,8 +319,25 @@ class Execution:
             text = decoder.decode(piece)
             if text:
                 self.last_seq = log.append(stream, text, len(piece)).seq
-        if log.full:
+        if self.output_exceeded:
+            self._end_for_output()
+        elif log.full:
             self.pause_reading()
+
+    def _end_for_output(self) -> None:
+        """The output cap is reached: kill the exec and say why on its stderr, before its DONE."""
+        limit = self.sandbox.manager.isolation.limits.output
+        self.kill()
+        self._note(f"output limit exceeded: the exec wrote more than {limit} bytes and was killed")
+
+    def _note(self, text: str) -> None:
+        """A message from the server on the exec's stderr stream."""
+        for fd in (1, 2):
+            # Close any half-decoded character first, so the note starts on its own.
+            tail = self._decoders[fd].decode(b"", final=True)
+            if tail:
+                self.last_seq = self.sandbox.log.append("stdout" if fd == 1 else "stderr", tail, 0).seq
+        self.last_seq = self.sandbox.log.append("stderr", f"\n[sandbox] {text}\n", 0).seq
 
     def _on_pipe_closed(self, fd: int) -> None:
         if fd == 0:
@@ -323,6 +364,10 @@ class Execution:
             return
         assert self._transport is not None
         self.exit_code = self._transport.get_returncode()
+        isolation = self.sandbox.manager.isolation
+        xcpu = 128 + signal.SIGXCPU if isolation.shell_style_signals else -signal.SIGXCPU
+        if self.exit_code == xcpu and not self.killed and isolation.limits.cpu_seconds:
+            self._note(f"CPU time limit exceeded: a process used {isolation.limits.cpu_seconds} s of CPU and was ended")
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         self._transport.close()
@@ -489,22 +534,30 @@ class Sandbox:
             )
         if self.busy:
             raise ExecutionStartError("An execution is already in progress.")
+        isolation = self.manager.isolation
+        code_limit = isolation.limits.code
+        size = len(code.encode("utf-8", "surrogatepass"))
+        if code_limit and size > code_limit:
+            raise ExecutionStartError(f"Code too large: {size} bytes; this server accepts at most {code_limit}.")
         if language == "python":
             script = self.bundle_dir / "main.py"
-            argv = [sys.executable, "-u", str(script)]
+            program = [sys.executable, "-u"]
         else:
             script = self.bundle_dir / "main.sh"
-            argv = [self.manager.bash, str(script)]
+            program = [self.manager.bash]
+        command = isolation.command(self.id, program, script, self.directory, self.bundle_dir)
         # Output of an earlier exec that nobody streamed is given up for good
         # (still replayable by seq until evicted).
         self.log.mark_delivered(self.log.last_seq)
         execution = Execution(self, language)
         try:
             # User code may have removed its own directory; give it a fresh one rather than fail.
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.bundle_dir.mkdir(parents=True, exist_ok=True)
+            if not self.directory.is_dir():
+                await asyncio.to_thread(isolation.prepare_directory, self.id, self.directory)
+            self.manager.prepare_bundle(self)
             script.write_text(code, encoding="utf-8", errors="surrogatepass")
-            await execution.start(argv, self.directory, self.manager.environment(self.directory))
+            script.chmod(0o644)
+            await execution.start(command, self.directory)
         except OSError as exc:
             # Never the path: only the OS's reason.
             logger.warning("sandbox %s: cannot start %s: %s", self.id, language, exc)
@@ -580,8 +633,10 @@ class SandboxManager:
         lock_wait_timeout: float = 30.0,
         handoff_poll_interval: float = 1.0,
         lock_poll_interval: float = 0.25,
+        isolation: Isolation | None = None,
     ) -> None:
         self.state_dir = state_dir
+        self.isolation = isolation if isolation is not None else NoIsolation(Limits())
         self.instance_id = instance_id or secrets.token_hex(8)
         self.checkpoint_enabled = checkpoint_enabled
         self.snapshots_enabled = snapshots_enabled
@@ -613,17 +668,40 @@ class SandboxManager:
     def bundles_dir(self) -> Path:
         return self.instance_dir / "bundles"
 
-    def environment(self, home: Path) -> dict[str, str]:
-        # A small, clean environment: nothing of the server's own leaks in.
-        return {
-            "PATH": os.path.dirname(sys.executable) + os.pathsep + _STANDARD_PATH,
-            "HOME": str(home),
-            "LANG": "C.UTF-8",
-            "PYTHONUNBUFFERED": "1",
-        }
+    def prepare_bundle(self, sandbox: Sandbox) -> None:
+        """The bundle directory, with the account files a bwrap sandbox mounts over /etc."""
+        bundle = sandbox.bundle_dir
+        bundle.mkdir(parents=True, exist_ok=True)
+        isolation = self.isolation
+        if isinstance(isolation, BwrapIsolation) and not (bundle / "group").exists():
+            # Read by the sandbox's own uid, whatever the server's umask; the state directory
+            # above stays private to the server.
+            bundle.chmod(0o755)
+            passwd, group = isolation.account_files(sandbox.id)
+            for name, text in (("passwd", passwd), ("group", group)):
+                (bundle / name).write_text(text, encoding="utf-8")
+                (bundle / name).chmod(0o644)
 
     async def start(self) -> None:
-        logger.warning("sandboxes run as plain processes of this user: code is NOT isolated from this machine")
+        isolation = self.isolation
+        limits = isolation.limits
+        logger.info(
+            "isolation: %s; limits: memory %s, cpu %s s, processes %s, output %s, code %s, stdin %s B/s",
+            isolation.describe(),
+            limits.memory or "off",
+            limits.cpu_seconds or "off",
+            (limits.processes or "off") if isolation.enforces_processes else "not enforced",
+            limits.output or "off",
+            limits.code or "off",
+            limits.stdin_rate or "off",
+        )
+        if not isinstance(isolation, BwrapIsolation):
+            logger.warning(
+                "isolation: none -- sandboxes run as plain processes of this user: code is NOT isolated "
+                "from this machine (install bubblewrap for isolation)"
+            )
+        elif isolation.exposes(self.state_dir):
+            logger.warning("the state directory is inside a directory that sandboxes can read: they can see each other")
         if self.checkpoint_enabled:
             logger.info("checkpoints keep a sandbox's files only: its processes cannot be saved without gVisor")
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
@@ -693,11 +771,12 @@ class SandboxManager:
 
     def _prepare_new(self, sandbox: Sandbox) -> None:
         sandbox.directory.mkdir(parents=True)
-        sandbox.bundle_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_bundle(sandbox)
         name = sandbox.options.filesystem_snapshot_name
         if name and not self.storage.load_snapshot(name, sandbox.directory):
             # The name only, never where snapshots live (CV-09).
             raise CreationError(f"Failed to create sandbox: Filesystem snapshot not found: {name}")
+        self.isolation.prepare_directory(sandbox.id, sandbox.directory)
         if sandbox.options.enable_checkpoint:
             # Metadata from the start: a later attach then restores, or says the checkpoint is missing (7.2).
             self.storage.write_metadata(sandbox.record(None))
@@ -770,8 +849,10 @@ class SandboxManager:
 
     def _restore_files(self, sandbox: Sandbox, checkpoint: str) -> bool:
         sandbox.directory.mkdir(parents=True, exist_ok=True)
-        sandbox.bundle_dir.mkdir(parents=True, exist_ok=True)
-        return self.storage.restore_checkpoint(sandbox.id, checkpoint, sandbox.directory)
+        self.prepare_bundle(sandbox)
+        found = self.storage.restore_checkpoint(sandbox.id, checkpoint, sandbox.directory)
+        self.isolation.prepare_directory(sandbox.id, sandbox.directory)
+        return found
 
     async def _wait_for_lease(self, sandbox_id: str) -> HeldLease:
         """Take the handoff lock, as the one waiter if another instance holds it (7.10)."""

@@ -16,6 +16,7 @@ old state or the new one, never a half-written file or directory.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -53,15 +54,67 @@ def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
         raise
 
 
-def _copy_regular(src: str, dst: str) -> None:
-    # FIFOs, sockets and devices are skipped: opening a FIFO would block the copy.
-    if stat.S_ISREG(os.lstat(src).st_mode):
-        shutil.copy2(src, dst)
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def copy_files(source: Path, target: Path) -> None:
-    """Copy a sandbox directory tree (regular files, directories, symlinks as links)."""
-    shutil.copytree(source, target, symlinks=True, copy_function=_copy_regular, dirs_exist_ok=True)
+    """Copy a sandbox directory tree: regular files, directories, symlinks as links.
+
+    Sandbox code may run while this copies (snapshots) and can swap any entry
+    for a symlink at any moment; the server may be root. So every step goes
+    through a directory descriptor opened with ``O_NOFOLLOW``: a swapped entry
+    fails or is copied as the link it now is, never followed to a host file.
+    FIFOs, sockets and devices are skipped (opening a FIFO would block).
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    fd = os.open(source, _NOFOLLOW_DIR)
+    try:
+        _copy_dir(fd, target)
+    finally:
+        os.close(fd)
+
+
+def _copy_dir(dir_fd: int, target: Path) -> None:
+    for entry in os.scandir(dir_fd):
+        name, dest = entry.name, target / entry.name
+        try:
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                if dest.is_symlink() or dest.exists():
+                    dest.unlink()
+                os.symlink(os.readlink(name, dir_fd=dir_fd), dest)
+            elif stat.S_ISDIR(info.st_mode):
+                child = os.open(name, _NOFOLLOW_DIR, dir_fd=dir_fd)
+                try:
+                    dest.mkdir(exist_ok=True)
+                    _copy_dir(child, dest)
+                finally:
+                    os.close(child)
+            elif stat.S_ISREG(info.st_mode):
+                _copy_file(dir_fd, name, dest)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed or swapped while we looked: skip it
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # became a symlink after the stat: skip it
+                continue
+            raise
+
+
+def _copy_file(dir_fd: int, name: str, dest: Path) -> None:
+    src = os.open(name, _NOFOLLOW_FILE, dir_fd=dir_fd)
+    try:
+        info = os.fstat(src)
+        if not stat.S_ISREG(info.st_mode):
+            return
+        os.set_blocking(src, True)
+        with open(dest, "wb") as out:
+            while chunk := os.read(src, 2**20):
+                out.write(chunk)
+        os.chmod(dest, stat.S_IMODE(info.st_mode))
+        os.utime(dest, ns=(info.st_atime_ns, info.st_mtime_ns))
+    finally:
+        os.close(src)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,13 @@ async def local() -> AsyncIterator[LocalServer]:
         yield server
 
 
+@pytest.fixture
+async def plain_local() -> AsyncIterator[LocalServer]:
+    """Extended protocol, plain processes: for tests that look at the exec's host pids and paths."""
+    async with LocalServer(port=0, isolation="none") as server:
+        yield server
+
+
 @pytest.fixture(params=["extended", "upstream"])
 async def any_local(request: pytest.FixtureRequest) -> AsyncIterator[LocalServer]:
     """Each protocol mode in turn."""

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.anyio
 # -- processes --------------------------------------------------------------------
 
 
-async def test_kill_process_kills_the_whole_group_quickly(local: LocalServer) -> None:
-    wire = await Wire.create(local.url, "extended")
+async def test_kill_process_kills_the_whole_group_quickly(plain_local: LocalServer) -> None:
+    wire = await Wire.create(plain_local.url, "extended")
     await wire.send({"language": "bash", "code": "sleep 1000 & echo $$; sleep 1000"})
     await wire.expect(st("SANDBOX_EXECUTION_RUNNING"))
     pgid = int((await wire.frame())["data"])
@@ -61,14 +61,14 @@ async def test_multibyte_characters_split_across_reads_survive(local: LocalServe
     assert result.stderr == "a\ufffdb"
 
 
-async def test_files_persist_between_execs_in_the_sandbox_directory(local: LocalServer) -> None:
-    wire = await Wire.create(local.url, "extended")
+async def test_files_persist_between_execs_in_the_sandbox_directory(plain_local: LocalServer) -> None:
+    wire = await Wire.create(plain_local.url, "extended")
     await wire.run("bash", "printf 'v1\\n' > note.txt")
     result = await wire.run("python", "import os; print(open('note.txt').read(), end=''); print(os.getcwd())")
-    sandbox = local.manager.get(wire.sandbox_id)
+    sandbox = plain_local.manager.get(wire.sandbox_id)
     assert sandbox is not None
     assert result.stdout.splitlines() == ["v1", str(sandbox.directory)]
-    other = await Wire.create(local.url, "extended")
+    other = await Wire.create(plain_local.url, "extended")
     assert (await other.run("bash", "ls")).stdout == ""  # each sandbox has its own directory
     env = await wire.run("python", "import os, sys; print(sorted(os.environ)); print(sys.flags.dont_write_bytecode)")
     assert "HOME" in env.stdout and "LANG" in env.stdout
@@ -93,8 +93,8 @@ async def test_close_stdin_ends_a_program_reading_to_eof(any_local: LocalServer)
     assert result.stdout == "3\n"
 
 
-async def test_stdin_to_a_process_that_closed_it_is_a_sandbox_error(local: LocalServer) -> None:
-    wire = await Wire.create(local.url, "extended")
+async def test_stdin_to_a_process_that_closed_it_is_a_sandbox_error(plain_local: LocalServer) -> None:
+    wire = await Wire.create(plain_local.url, "extended")
     code = "import os, sys, time; os.close(0); sys.stdout.write('closed\\n'); time.sleep(30)"
     await wire.send({"language": "python", "code": code})
     await wire.expect(st("SANDBOX_EXECUTION_RUNNING"), '{"event":"stdout","data":"closed\\n"}')
@@ -348,6 +348,8 @@ async def test_cli_sigterm_closes_clients_with_1012_and_leaves_no_process(tmp_pa
         str(tmp_path),
         "--protocol",
         "upstream",
+        "--isolation",
+        "none",
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -111,8 +111,8 @@ async def test_cv20_checkpoint_then_restore_on_attach(any_local: LocalServer) ->
     assert (await third.run("bash", "cat note.txt")).stdout == "v2\n"
 
 
-async def test_checkpoint_kills_background_processes(local: LocalServer) -> None:
-    wire = await Wire.create(local.url, "extended", CKPT)
+async def test_checkpoint_kills_background_processes(plain_local: LocalServer) -> None:
+    wire = await Wire.create(plain_local.url, "extended", CKPT)
     result = await wire.run("bash", "sleep 1000 > /dev/null 2>&1 & echo $!")
     background = int(result.stdout)
     await wire.send({"action": "checkpoint"})
