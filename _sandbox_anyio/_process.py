@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -71,19 +70,25 @@ class Outcome:
 
 
 class deadline:
-    """``anyio.fail_after`` raising :class:`SandboxTimeoutError` that says what timed out."""
+    """``anyio.fail_after`` raising :class:`SandboxTimeoutError` that says what timed out.
+
+    With no timeout there is no cancel scope at all: they cost on every call.
+    """
 
     def __init__(self, timeout: float | None, what: str) -> None:
-        self._scope = anyio.fail_after(math.inf if timeout is None else timeout)
+        self._scope = None if timeout is None else anyio.fail_after(timeout)
         self._timeout = timeout
         self._what = what
 
     def __enter__(self) -> None:
-        self._scope.__enter__()
+        if self._scope is not None:
+            self._scope.__enter__()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
+        if self._scope is None:
+            return None
         try:
             return self._scope.__exit__(exc_type, exc, tb)
         except TimeoutError:

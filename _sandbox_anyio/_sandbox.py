@@ -149,7 +149,8 @@ class BaseSandbox:
         self._ssl = options.get("ssl")
         self._transport = transport
         self._buffer_limit = options.get("stream_buffer_size", DEFAULT_STREAM_BUFFER)
-        self._send_lock = anyio.Lock()
+        # fast_acquire: an uncontended lock must not cost an event-loop round per frame.
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._spawn: Spawn | None = None
         self._setup: Outcome | None = None
         self._process: SandboxProcess | None = None
@@ -232,7 +233,8 @@ class BaseSandbox:
                     return  # a new reader runs on the new connection, if any
                 self._protocol.receive(text)
                 self._dispatch()
-                await self._flush()
+                if self._protocol.has_data_to_send or self._close_code is not None:
+                    await self._flush()
                 process = self._process
                 while process is not None and process._buffers_full:
                     # Back-pressure: stop reading the socket while the user's buffers are full.

@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", help="log the protocol to stderr")
 
     commands.add_parser("serve", help="run the local sandbox server (see 'sandbox serve --help')", add_help=False)
+    commands.add_parser(
+        "conformance",
+        help="check a server against the protocol's conformance vectors (see 'sandbox conformance --help')",
+        add_help=False,
+    )
     return parser
 
 
@@ -46,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sandbox_server._cli import main as serve_main
 
         return serve_main(args_list[1:])
+    if args_list[:1] == ["conformance"]:
+        from ._conformance import main as conformance_main
+
+        return conformance_main(args_list[1:])
     args = _parser().parse_args(args_list)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
     if not args.url and not args.debug:

@@ -62,6 +62,9 @@ EXT_EXIT_CODE = "exit_code"
 EXT_SEQ = "seq"
 EXT_CLOSE_STDIN = "close_stdin"
 
+# Jitter needs no per-session generator; a Random costs 2.5 KB, a lot for idle sandboxes.
+_SHARED_RNG = random.Random()
+
 # Handshake refusals that a retry cannot fix (protocol.md 2.4).
 NON_RETRYABLE_HTTP_STATUSES = frozenset({400, 401, 403, 404})
 
@@ -286,7 +289,7 @@ class ClientProtocol:
         self._user_headers = dict(headers or {})
         self._log = log or logger
         self._label = label
-        self._rng = rng or random.Random()
+        self._rng = rng or _SHARED_RNG
 
         self.state = SandboxState.CONNECTING
         #: Extensions the server advertised on the current connection.
@@ -335,6 +338,11 @@ class ClientProtocol:
 
     # ------------------------------------------------------------------
     # outputs
+
+    @property
+    def has_data_to_send(self) -> bool:
+        """Cheap check, so an adapter need not take its send lock for nothing."""
+        return bool(self._outgoing)
 
     def data_to_send(self) -> list[str]:
         out, self._outgoing = self._outgoing, []
@@ -390,6 +398,7 @@ class ClientProtocol:
         if self._was_reconnecting or self.state is SandboxState.RECONNECTING:
             self.state = SandboxState.RECONNECTING
             if http_status in NON_RETRYABLE_HTTP_STATUSES:
+                self.state = SandboxState.FAILED  # not "reconnecting" forever: the session is over
                 self._end(error)
                 return
             self._schedule_reconnect(now, error)

@@ -54,8 +54,11 @@ class _Opening:
         nursery = await self._own_nursery.__aenter__()
         try:
             return await self._sandbox._open_in(nursery, self._timeout)
-        except BaseException as exc:
-            await self._own_nursery.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            # Close the nursery without handing it our error, so the caller gets the
+            # error itself rather than an exception group around it.
+            nursery.cancel_scope.cancel()
+            await self._own_nursery.__aexit__(None, None, None)
             raise
 
     async def __aexit__(

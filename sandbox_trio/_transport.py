@@ -7,8 +7,10 @@ nursery, where the library's connection tasks also run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl as ssl_module
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import (
@@ -16,7 +18,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
+    wrap_client_stream,
 )
 
 from _sandbox_anyio import (
@@ -32,6 +34,7 @@ from sandbox_proto import RedactingFilter, SandboxConnectionError, redact
 
 # trio-websocket logs every URL it connects to, token included.
 logging.getLogger("trio-websocket").addFilter(RedactingFilter())
+logger = logging.getLogger("sandbox_trio")
 
 
 class TrioWebsocketTransport:
@@ -39,6 +42,7 @@ class TrioWebsocketTransport:
         #: Set by the sandbox before connecting: where the connection's tasks run.
         self.nursery: trio.Nursery | None = None
         self._ws: WebSocketConnection | None = None
+        self._stream: trio.abc.Stream | None = None
         # Ends the keepalive task with its connection, so it never holds the nursery open.
         self._keepalive_scope = trio.CancelScope()
 
@@ -50,25 +54,65 @@ class TrioWebsocketTransport:
         extra = [(k.encode(), v.encode()) for k, v in {"User-Agent": USER_AGENT, **headers}.items()]
         try:
             with trio.fail_after(timeout):
-                self._ws = await connect_websocket_url(
-                    self.nursery,
-                    url,
-                    default_ssl_context(url, ssl),
+                self._ws = await self.nursery.start(self._run, url, default_ssl_context(url, ssl), extra)
+        except trio.TooSlowError:
+            raise SandboxConnectionError(f"{safe}: no WebSocket handshake within {timeout:g}s") from None
+        except Exception as exc:
+            cause = _leaf(exc)
+            if isinstance(cause, ConnectionRejected):
+                raise HandshakeRefused(safe, cause.status_code) from None
+            if isinstance(cause, HandshakeError | OSError | ssl_module.SSLError | trio.BrokenResourceError):
+                raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(cause))}") from None
+            raise
+        return [value.decode("latin-1") for name, value in self._ws.handshake_headers if name == b"set-cookie"]
+
+    async def _run(
+        self,
+        url: str,
+        context: ssl_module.SSLContext | None,
+        extra: list[tuple[bytes, bytes]],
+        *,
+        task_status: trio.TaskStatus[WebSocketConnection] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Own the connection's tasks in a private nursery, so none of its errors reach the caller's.
+
+        Before ``started`` an error fails ``connect``; after it, the connection is just closed
+        (``recv`` reports that), and nothing is raised into the sandbox's nursery.
+        """
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+        resource = parts.path + (f"?{parts.query}" if parts.query else "")
+        started = False
+        try:
+            async with trio.open_nursery() as private:
+                stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+                if context is None:
+                    stream = await trio.open_tcp_stream(host, port)
+                else:
+                    stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=context, https_compatible=True)
+                    # trio-websocket would handshake in a background task, where a bad
+                    # certificate surfaces as a hang: fail here instead.
+                    await stream.do_handshake()
+                self._stream = stream
+                ws = await wrap_client_stream(
+                    private,
+                    stream,
+                    host if parts.port is None else f"{host}:{port}",
+                    resource,
                     extra_headers=extra,
                     max_message_size=MAX_MESSAGE_SIZE,
                     message_queue_size=16,
                 )
-        except ConnectionRejected as exc:
-            raise HandshakeRefused(safe, exc.status_code) from None
-        except trio.TooSlowError:
-            raise SandboxConnectionError(f"{safe}: no WebSocket handshake within {timeout:g}s") from None
-        except (HandshakeError, OSError, ssl_module.SSLError) as exc:
-            cause = exc.__cause__ or exc
-            raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(cause))}") from None
-        self._keepalive_scope.cancel()
-        self._keepalive_scope = trio.CancelScope()
-        self.nursery.start_soon(self._keepalive, self._ws, self._keepalive_scope)
-        return [value.decode("latin-1") for name, value in self._ws.handshake_headers if name == b"set-cookie"]
+                self._keepalive_scope.cancel()
+                self._keepalive_scope = trio.CancelScope()
+                private.start_soon(self._keepalive, ws, self._keepalive_scope)
+                started = True
+                task_status.started(ws)
+        except Exception:
+            if not started:
+                raise
+            logger.debug("trio-websocket connection ended with an error", exc_info=True)
 
     async def _keepalive(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
         with scope:
@@ -95,16 +139,32 @@ class TrioWebsocketTransport:
         try:
             return await self._ws.get_message()
         except ConnectionClosed as exc:
-            self._keepalive_scope.cancel()
+            await self._release()
             raise _closed(exc) from None
 
     async def close(self, code: int = 1000) -> None:
+        try:
+            if self._ws is not None:
+                await self._ws.aclose(code)
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        """Stop the keepalive and close the socket: trio-websocket leaves that to the garbage collector."""
         self._keepalive_scope.cancel()
-        if self._ws is not None:
-            await self._ws.aclose(code)
+        if self._stream is not None:
+            with trio.CancelScope(shield=True), contextlib.suppress(trio.BrokenResourceError, OSError):
+                await self._stream.aclose()
 
 
 def _closed(exc: ConnectionClosed) -> TransportClosed:
     if exc.reason is None:
         return TransportClosed(1006)
     return TransportClosed(exc.reason.code, exc.reason.reason or "")
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The error inside the exception groups that nurseries wrap it in."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
