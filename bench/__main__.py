@@ -1,0 +1,318 @@
+"""``python -m bench``: run the benchmarks of issue 7 and print one table.
+
+Every result is a ratio against a baseline measured in the same run,
+alternating with it, and each number is the median of ``--repeats`` runs:
+the machine is shared and noisy, absolute numbers are only indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import measure
+from .blaster import Blaster
+from .clients import LIBRARY_OF
+
+BASELINE = "raw websockets"
+ALL = ("throughput", "roundtrip", "scale", "memory", "core")
+TRANSPORTS = ("websockets", "aiohttp", "trio")
+MB = 1e6
+MIB = 2**20
+#: The "small constant" of the bounded-memory goal, above the stream buffer.
+MEMORY_SLACK = 4 * MIB
+
+
+@dataclass
+class Row:
+    bench: str
+    client: str
+    result: str
+    baseline: str
+    ratio: str
+    goal: str
+    met: str
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def _p99(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def _verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "**no**")
+
+
+def _rotations(names: list[str], repeats: int) -> list[list[str]]:
+    # A different order each repeat, so drift on a shared machine does not favour one client.
+    return [names[i % len(names) :] + names[: i % len(names)] for i in range(repeats)]
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # noqa: T201 - progress goes to stderr, the table to stdout
+
+
+def bench_throughput(url: str, args: argparse.Namespace) -> list[Row]:
+    rows = []
+    names = [BASELINE, *args.transports, *(LIBRARY_OF[t] for t in args.transports if LIBRARY_OF[t] != BASELINE)]
+    for count, size in ((args.small_frames, 64), (args.large_frames, 4096)):
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for order in _rotations(names, args.throughput_repeats):
+            for name in order:
+                times[name].append(measure.throughput(name, url, count, size))
+            _log(f"throughput {count}x{size}: " + ", ".join(f"{n} {count / times[n][-1]:,.0f}/s" for n in order))
+        base = times[BASELINE]
+
+        def describe(name: str, times: dict[str, list[float]] = times, count: int = count, size: int = size) -> str:
+            seconds = _median(times[name])
+            return f"{count / seconds:,.0f} msg/s, {count * size / seconds / MB:,.1f} MB/s"
+
+        for name in names[1:]:
+            ratio = _median([b / t for b, t in zip(base, times[name], strict=True)])
+            ours = name in TRANSPORTS
+            goal = 1.0 if name == "websockets" else 0.9
+            extra = ""
+            if ours and LIBRARY_OF[name] in times:
+                lib = times[LIBRARY_OF[name]]
+                extra = f" ({_median([b / t for b, t in zip(lib, times[name], strict=True)]):.2f}x its library)"
+            rows.append(
+                Row(
+                    f"1. output {count:,} x {size} B",
+                    name if ours else f"({name})",
+                    describe(name),
+                    describe(BASELINE),
+                    f"{ratio:.2f}x{extra}",
+                    f">= {goal:.1f}x" if ours else "-",
+                    _verdict(ratio >= goal if ours else None),
+                )
+            )
+    return rows
+
+
+def bench_roundtrip(url: str, args: argparse.Namespace) -> list[Row]:
+    names = [BASELINE, *args.transports]
+    latencies: dict[str, list[list[float]]] = {name: [] for name in names}
+    for order in _rotations(names, args.repeats):
+        for name in order:
+            latencies[name].append(measure.round_trips(name, url, args.execs))
+        _log("round trip: " + ", ".join(f"{n} {_median(latencies[n][-1]) * 1e6:.0f}us" for n in order))
+
+    def describe(name: str) -> str:
+        runs = latencies[name]
+        median = _median([_median(r) for r in runs]) * 1e6
+        return f"median {median:.0f} us, p99 {_median([_p99(r) for r in runs]) * 1e6:.0f} us"
+
+    rows = []
+    base = latencies[BASELINE]
+    for name in args.transports:
+        ratio = _median([_median(t) / _median(b) for b, t in zip(base, latencies[name], strict=True)])
+        p99 = _median([_p99(t) / _p99(b) for b, t in zip(base, latencies[name], strict=True)])
+        rows.append(
+            Row(
+                f"2. exec round trip x {args.execs:,}",
+                name,
+                describe(name),
+                describe(BASELINE),
+                f"{ratio:.2f}x (p99 {p99:.2f}x)",
+                "<= 1.05x",
+                _verdict(ratio <= 1.05),
+            )
+        )
+    return rows
+
+
+def bench_scale(url: str, args: argparse.Namespace) -> list[Row]:
+    names = [BASELINE, *args.transports]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for order in _rotations(names, args.repeats):
+        for name in order:
+            results[name].append(measure.in_child("scale", name, url, args.sandboxes))
+        _log("scale: " + ", ".join(f"{n} {results[n][-1]['rss_per_conn'] / 1024:.1f} KiB" for n in order))
+
+    def describe(name: str) -> str:
+        seconds = _median([r["seconds"] for r in results[name]])
+        kib = _median([r["rss_per_conn"] for r in results[name]]) / 1024
+        return f"{seconds:.2f} s to open, {kib:.1f} KiB each"
+
+    rows = []
+    base = results[BASELINE]
+    for name in args.transports:
+        pairs = list(zip(base, results[name], strict=True))
+        memory = _median([t["rss_per_conn"] / b["rss_per_conn"] for b, t in pairs])
+        seconds = _median([t["seconds"] / b["seconds"] for b, t in pairs])
+        rows.append(
+            Row(
+                f"3. {args.sandboxes:,} idle sandboxes",
+                name,
+                describe(name),
+                describe(BASELINE),
+                f"memory {memory:.2f}x, time {seconds:.2f}x",
+                "<= 1.2x",
+                _verdict(memory <= 1.2 and seconds <= 1.2),
+            )
+        )
+    return rows
+
+
+def bench_memory(url: str, args: argparse.Namespace) -> list[Row]:
+    rows = []
+    total = args.memory_mb * 10**6
+    buffer = args.buffer_mib * MIB
+    for name in args.transports:
+        runs = [measure.in_child("bounded", name, url, total, args.pause, buffer) for _ in range(args.memory_repeats)]
+        growth = _median([r["peak_growth"] for r in runs])
+        buffered = _median([r["buffered"] for r in runs])
+        intact = all(r["received"] == r["expected"] for r in runs)
+        _log(f"memory: {name} peak growth {growth / MIB:.1f} MiB, {buffered / MIB:.1f} MiB buffered when paused")
+        rows.append(
+            Row(
+                f"4. {total / MB:.0f} MB, reader paused {args.pause:g} s",
+                name,
+                f"RSS +{growth / MIB:.1f} MiB ({buffered / MIB:.1f} MiB buffered); "
+                f"all bytes: {'yes' if intact else 'NO'}",
+                f"buffer {args.buffer_mib} MiB + {MEMORY_SLACK // MIB} MiB",
+                f"{growth / buffer:.2f}x buffer",
+                "<= buffer + 4 MiB",
+                _verdict(intact and growth <= buffer + MEMORY_SLACK),
+            )
+        )
+    return rows
+
+
+def bench_core(args: argparse.Namespace) -> list[Row]:
+    count = args.small_frames
+    runs = [measure.core(count, 64) for _ in range(args.repeats)]
+    ours = _median([count / o for o, _ in runs])
+    bare = _median([count / b for _, b in runs])
+    ratio = _median([b / o for o, b in runs])
+    return [
+        Row(
+            f"5. core alone, {count:,} stdout frames",
+            "sandbox_proto",
+            f"{ours:,.0f} events/s",
+            f"json.loads {bare:,.0f}/s",
+            f"{ratio:.2f}x",
+            "(report)",
+            "-",
+        )
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    header = Row("benchmark", "client", "result", "baseline (raw websockets loop)", "ratio", "goal", "met")
+    table = [header, *rows]
+    widths = [max(len(getattr(r, f)) for r in table) for f in Row.__dataclass_fields__]
+    for index, row in enumerate(table):
+        cells = [getattr(row, f).ljust(w) for f, w in zip(Row.__dataclass_fields__, widths, strict=True)]
+        print("| " + " | ".join(cells) + " |")  # noqa: T201
+        if index == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")  # noqa: T201
+
+
+def profile(url: str, name: str, args: argparse.Namespace) -> None:
+    """cProfile one client's 64-byte throughput run; time split into ours / library / runtime."""
+    profiler = cProfile.Profile()
+    profiler.runcall(measure.throughput, name, url, args.small_frames, 64)
+    stats = pstats.Stats(profiler)
+    groups: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        groups[_owner(filename)] = groups.get(_owner(filename), 0.0) + tottime
+    total = sum(groups.values())
+    for owner, seconds in sorted(groups.items(), key=lambda item: -item[1]):
+        print(f"{owner:12} {seconds:7.2f} s  {seconds / total:5.1%}")  # noqa: T201
+    stats.sort_stats("tottime").print_stats(args.profile_lines)
+
+
+def _owner(filename: str) -> str:
+    for part in ("sandbox_proto", "_sandbox_anyio", "sandbox_asyncio", "sandbox_trio"):
+        if f"/{part}/" in filename:
+            return "ours"
+    for part in ("websockets", "aiohttp", "trio_websocket", "wsproto", "h11", "anyio", "trio"):
+        if f"/{part}/" in filename:
+            return part
+    if "asyncio" in filename or "selectors" in filename:
+        return "asyncio"
+    return "other"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated subset of our transports")
+    parser.add_argument("--quick", action="store_true", help="small sizes and two repeats: about a minute")
+    parser.add_argument("--repeats", type=int, help="runs per measurement (median reported); default 3, quick 2")
+    parser.add_argument(
+        "--throughput-repeats", type=int, help="runs of the (slow) throughput benchmark; default 2, quick 2"
+    )
+    parser.add_argument("--small-frames", type=int, help="64-byte frames per exec (default 200000)")
+    parser.add_argument("--large-frames", type=int, help="4 KiB frames per exec (default 20000)")
+    parser.add_argument("--execs", type=int, help="sequential execs of the round-trip benchmark (default 2000)")
+    parser.add_argument("--sandboxes", type=int, help="concurrent sandboxes of the scale benchmark (default 1000)")
+    parser.add_argument("--memory-mb", type=int, help="MB written while the reader pauses (default 200)")
+    parser.add_argument("--pause", type=float, help="seconds the reader pauses (default 5)")
+    parser.add_argument("--buffer-mib", type=int, help="stream_buffer_size of the memory benchmark (default 16)")
+    parser.add_argument("--profile", metavar="CLIENT", help="cProfile one client's 64 B throughput run instead")
+    parser.add_argument("--profile-lines", type=int, default=25)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults: dict[str, Any] = {
+        "repeats": 2 if quick else 3,
+        # 200k small frames take ~20 s per run on our slower transports: 2 runs keep the default under ~5 min.
+        "throughput_repeats": 2,
+        "small_frames": 20_000 if quick else 200_000,
+        "large_frames": 2_000 if quick else 20_000,
+        "execs": 300 if quick else 2_000,
+        "sandboxes": 200 if quick else 1_000,
+        "memory_mb": 20 if quick else 200,
+        "pause": 1.0 if quick else 5.0,
+        # Small enough that even the slowest transport fills it within the quick pause.
+        "buffer_mib": 4 if quick else 16,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.memory_repeats = 1
+    args.only = [name for name in args.only.split(",") if name]
+    args.transports = [name for name in args.transports.split(",") if name]
+    unknown = set(args.only) - set(ALL) | set(args.transports) - set(TRANSPORTS)
+    if unknown:
+        parser.error(f"unknown names: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    benches: dict[str, Callable[[str, argparse.Namespace], list[Row]]] = {
+        "throughput": bench_throughput,
+        "roundtrip": bench_roundtrip,
+        "scale": bench_scale,
+        "memory": bench_memory,
+    }
+    rows: list[Row] = []
+    with Blaster() as blaster:
+        if args.profile:
+            profile(blaster.url, args.profile, args)
+            return
+        for name in args.only:
+            if name == "core":
+                rows += bench_core(args)
+            else:
+                rows += benches[name](blaster.url, args)
+    print_table(rows)
+    _log(f"done in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The clients under test, behind one small interface.
+
+``raw-*`` are the ceilings: the shortest loop a Python program can write on
+each library (connect, send, ``recv``, ``json.loads``, append). The others are
+our ``Sandbox`` on each transport. Timed loops call the libraries directly;
+anyio is only the harness around them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from . import wire
+
+MAX_SIZE = 16 * 2**20  # as our transports, so the raw loops run with the same limits
+
+
+class Kind:
+    """One client under test; ``backend`` is the anyio backend it runs on."""
+
+    name = ""
+    backend = "asyncio"
+    ours = False
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        """Resources shared by every connection of one run (a nursery, a session)."""
+        yield
+
+    async def open(self, url: str, **options: Any) -> Any:
+        raise NotImplementedError
+
+    async def collect(self, conn: Any, count: int, size: int) -> int:
+        """One exec that streams ``count`` frames of ``size``; returns the characters received."""
+        raise NotImplementedError
+
+    async def close(self, conn: Any) -> None:
+        raise NotImplementedError
+
+
+def _is_done(obj: dict[str, Any]) -> bool:
+    return obj.get("status") == wire.EXEC_DONE
+
+
+# -- raw loops ------------------------------------------------------------
+
+
+class RawWebsockets(Kind):
+    name = "raw websockets"
+
+    async def open(self, url: str, **options: Any) -> Any:
+        from websockets.asyncio.client import connect
+
+        ws = await connect(url.replace("http", "ws", 1) + "/create", max_size=MAX_SIZE, max_queue=16)
+        await ws.send(wire.CREATE_INIT)
+        while json.loads(await ws.recv()).get("status") != wire.RUNNING:
+            pass
+        return ws
+
+    async def collect(self, conn: Any, count: int, size: int) -> int:
+        await conn.send(wire.exec_request(count, size))
+        recv, loads = conn.recv, json.loads
+        parts: list[str] = []
+        while True:
+            obj = loads(await recv())
+            if obj["event"] == "stdout":
+                parts.append(obj["data"])
+            elif _is_done(obj):
+                return len("".join(parts))
+
+    async def close(self, conn: Any) -> None:
+        await conn.close()
+
+
+class RawAiohttp(Kind):
+    name = "raw aiohttp"
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        import aiohttp
+
+        # limit=0: the default pool of 100 would make connection 101 wait forever.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as self.session:
+            yield
+
+    async def open(self, url: str, **options: Any) -> Any:
+        ws = await self.session.ws_connect(url + "/create", max_msg_size=MAX_SIZE)
+        await ws.send_str(wire.CREATE_INIT)
+        while json.loads((await ws.receive()).data).get("status") != wire.RUNNING:
+            pass
+        return ws
+
+    async def collect(self, conn: Any, count: int, size: int) -> int:
+        await conn.send_str(wire.exec_request(count, size))
+        receive, loads = conn.receive, json.loads
+        parts: list[str] = []
+        while True:
+            obj = loads((await receive()).data)
+            if obj["event"] == "stdout":
+                parts.append(obj["data"])
+            elif _is_done(obj):
+                return len("".join(parts))
+
+    async def close(self, conn: Any) -> None:
+        await conn.close()
+
+
+class RawTrioWebsocket(Kind):
+    name = "raw trio-websocket"
+    backend = "trio"
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        import trio
+
+        async with trio.open_nursery() as self.nursery:
+            yield
+
+    async def open(self, url: str, **options: Any) -> Any:
+        from trio_websocket import connect_websocket_url
+
+        ws = await connect_websocket_url(
+            self.nursery, url.replace("http", "ws", 1) + "/create", max_message_size=MAX_SIZE, message_queue_size=16
+        )
+        await ws.send_message(wire.CREATE_INIT)
+        while json.loads(await ws.get_message()).get("status") != wire.RUNNING:
+            pass
+        return ws
+
+    async def collect(self, conn: Any, count: int, size: int) -> int:
+        await conn.send_message(wire.exec_request(count, size))
+        get, loads = conn.get_message, json.loads
+        parts: list[str] = []
+        while True:
+            obj = loads(await get())
+            if obj["event"] == "stdout":
+                parts.append(obj["data"])
+            elif _is_done(obj):
+                return len("".join(parts))
+
+    async def close(self, conn: Any) -> None:
+        await conn.aclose()
+
+
+# -- our client -------------------------------------------------------------
+
+
+class Ours(Kind):
+    ours = True
+    transport = "websockets"
+
+    def __init__(self) -> None:
+        self.name = self.transport
+
+    async def open(self, url: str, **options: Any) -> Any:
+        from sandbox_asyncio import Sandbox
+
+        return await Sandbox.create(url, transport=self.transport, **options)
+
+    async def exec(self, conn: Any, count: int, size: int) -> Any:
+        return await conn.exec("python", wire.exec_code(count, size))
+
+    async def collect(self, conn: Any, count: int, size: int) -> int:
+        process = await self.exec(conn, count, size)
+        out = await process.stdout.read_all()
+        await process.wait()
+        return len(out)
+
+    async def close(self, conn: Any) -> None:
+        await conn.kill()
+
+
+class OursAiohttp(Ours):
+    transport = "aiohttp"
+
+
+class OursTrio(Ours):
+    transport = "trio"
+    backend = "trio"
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        import trio
+
+        async with trio.open_nursery() as self.nursery:
+            yield
+
+    async def open(self, url: str, **options: Any) -> Any:
+        from sandbox_trio import Sandbox
+
+        return await Sandbox.create(url, nursery=self.nursery, **options)
+
+
+KINDS: dict[str, type[Kind]] = {
+    "raw websockets": RawWebsockets,
+    "raw aiohttp": RawAiohttp,
+    "raw trio-websocket": RawTrioWebsocket,
+    "websockets": Ours,
+    "aiohttp": OursAiohttp,
+    "trio": OursTrio,
+}
+#: The library ceiling of each of our transports, to split our cost from the library's.
+LIBRARY_OF = {"websockets": "raw websockets", "aiohttp": "raw aiohttp", "trio": "raw trio-websocket"}
+
+
+def make(name: str) -> Kind:
+    return KINDS[name]()
