@@ -21,3 +21,21 @@ async def test_seed_basic_usage_as_written(url: str) -> None:
 
 async def test_upstream_module_paths_name_the_same_class() -> None:
     assert SandboxFromModule is Sandbox
+
+
+async def test_seed_checkpoint_example_as_written(url: str) -> None:
+    # "Checkpointing and Attaching", TLS context included: it is ignored for a ws:// URL.
+    import ssl
+
+    import certifi
+
+    ssl_context = ssl.create_default_context(cafile=certifi.where())
+    sandbox1 = await Sandbox.create(url, enable_sandbox_checkpoint=True, ssl=ssl_context)
+    sandbox_id = sandbox1.sandbox_id
+    sandbox_token = sandbox1.sandbox_token
+    process = await sandbox1.exec("bash", "echo work > state.txt")
+    await process.wait()
+    await sandbox1.checkpoint()
+    async with await Sandbox.attach(url, sandbox_id, sandbox_token, ssl=ssl_context) as sandbox2:
+        process = await sandbox2.exec("bash", "cat state.txt")
+        assert await process.stdout.read_all() == "work\n"
