@@ -250,13 +250,15 @@ class BwrapIsolation(Isolation):
         args += ["--perms", "0755", "--dir", "/etc"]
         for name in _ETC_FILES:
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        # The private /tmp first: a Python installed under /tmp (a CI checkout's venv) is bound on top.
+        args += ["--tmpfs", "/tmp"]
         for prefix in self.prefixes:
             for parent in reversed(prefix.parents):
                 if parent != Path("/"):
                     # bwrap would create missing parents as 0700 root: the sandbox user could not pass.
                     args += ["--perms", "0755", "--dir", str(parent)]
             args += ["--ro-bind", str(prefix), str(prefix)]
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--perms", "0755", "--dir", "/run"]
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "0755", "--dir", "/run"]
         return args
 
     def command(self, sandbox_id: str, program: list[str], script: Path, directory: Path, bundle: Path) -> Command:
