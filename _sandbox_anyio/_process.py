@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 
 from sandbox_proto import (
     LocalProtocolError,
@@ -45,13 +46,77 @@ class Wakeup:
         await self._event.wait()
 
 
+class Flag:
+    """A one-time event whose ``anyio.Event`` is made only if someone has to wait.
+
+    Most flags are set before anyone waits (or never waited on at all): they
+    then cost a small object, and waiting on a set flag does not yield to the
+    event loop (it still raises if the task is cancelled).
+    """
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: anyio.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            event, self._event = self._event, None  # waiters hold it; later waits need none
+            if event is not None:
+                event.set()
+
+    async def wait(self) -> None:
+        if self._set:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            return
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+
+class SendLock:
+    """The mutex around sending: a flag and, only while contended, a :class:`Flag`.
+
+    ``anyio.Lock`` allocates a deque per lock (~0.8 KiB per sandbox). Whoever
+    holds this lock sends what the core queued, in queue order, so which waiter
+    gets it next does not matter.
+    """
+
+    __slots__ = ("_busy", "_free")
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._free: Flag | None = None
+
+    async def __aenter__(self) -> None:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        while self._busy:
+            if self._free is None:
+                self._free = Flag()
+            await self._free.wait()
+        self._busy = True
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._busy = False
+        free, self._free = self._free, None
+        if free is not None:
+            free.set()
+
+
 class Outcome:
     """The one-time result of an operation: success or an error, waited on by the caller."""
 
     __slots__ = ("_done", "error")
 
     def __init__(self) -> None:
-        self._done = anyio.Event()
+        self._done = Flag()
         self.error: SandboxException | None = None
 
     @property
@@ -72,27 +137,33 @@ class Outcome:
 class deadline:
     """``anyio.fail_after`` raising :class:`SandboxTimeoutError` that says what timed out.
 
-    With no timeout there is no cancel scope at all: they cost on every call.
+    A bare cancel scope, as ``fail_after`` makes, without its two generator-based
+    context managers; with no timeout there is no cancel scope at all.
     """
 
+    __slots__ = ("_scope", "_timeout", "_what")
+
     def __init__(self, timeout: float | None, what: str) -> None:
-        self._scope = None if timeout is None else anyio.fail_after(timeout)
+        self._scope: anyio.CancelScope | None = None
         self._timeout = timeout
         self._what = what
 
     def __enter__(self) -> None:
-        if self._scope is not None:
+        if self._timeout is not None:
+            self._scope = anyio.CancelScope(deadline=anyio.current_time() + self._timeout)
             self._scope.__enter__()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        if self._scope is None:
+        scope = self._scope
+        if scope is None:
             return None
-        try:
-            return self._scope.__exit__(exc_type, exc, tb)
-        except TimeoutError:
+        suppressed = scope.__exit__(exc_type, exc, tb)
+        if (exc_type is None or suppressed) and scope.cancelled_caught and anyio.current_time() >= scope.deadline:
+            assert self._timeout is not None
             raise SandboxTimeoutError(f"{self._what} took longer than {self._timeout:g}s") from None
+        return suppressed
 
 
 class SandboxStream:
@@ -109,6 +180,9 @@ class SandboxStream:
         self._budget = budget
         self._space = space
         self._readable = Wakeup()
+        #: Readers waiting for the next chunk or line. ``read_all`` waits for the end
+        #: (or full buffers) instead, so a flood of output does not wake it per frame.
+        self._eager_waiters = 0
 
     def __repr__(self) -> str:
         return f"<SandboxStream {self.name}{' eof' if self._buffer.eof else ''}>"
@@ -117,7 +191,8 @@ class SandboxStream:
 
     def _feed(self, data: str) -> None:
         self._buffer.feed(data)
-        self._readable.set()
+        if self._eager_waiters:
+            self._readable.set()
 
     def _end(self, error: SandboxException | None) -> None:
         self._buffer.end(error)
@@ -129,12 +204,22 @@ class SandboxStream:
     def at_eof(self) -> bool:
         return self._buffer.at_eof
 
-    async def _next(self, pop: Callable[[], str | None], timeout: float | None, what: str) -> str:
+    async def _next(
+        self, pop: Callable[[], str | None], timeout: float | None, what: str, *, eager: bool = True
+    ) -> str:
         item = pop()
         if item is None:
             with deadline(timeout, f"{what} {self.name}"):
-                while (item := pop()) is None:
-                    await self._readable.wait()
+                if eager:
+                    self._eager_waiters += 1
+                try:
+                    while (item := pop()) is None:
+                        if not self._budget.full:
+                            self._space.set()  # what we took made room: let the reader go on
+                        await self._readable.wait()
+                finally:
+                    if eager:
+                        self._eager_waiters -= 1
         if not self._budget.full:
             self._space.set()
         return item
@@ -156,7 +241,7 @@ class SandboxStream:
             return "" if self._buffer.eof else None
 
         try:
-            await self._next(pop, timeout, "reading all of")
+            await self._next(pop, timeout, "reading all of", eager=False)
         except BaseException:
             self._buffer.unread("".join(parts))  # a timed-out or cancelled read_all loses nothing
             raise
@@ -182,7 +267,7 @@ class SandboxProcess:
         self.stdout = SandboxStream("stdout", self._budget, self._space)
         self.stderr = SandboxStream("stderr", self._budget, self._space)
         self._started = Outcome()
-        self._done = anyio.Event()
+        self._done = Flag()
         self._error: SandboxException | None = None
         self._kill = Outcome()
         #: The exit status reported by the server (``exit_code`` extension), else ``None``.
@@ -213,6 +298,10 @@ class SandboxProcess:
 
     def _feed(self, stream: str, data: str) -> None:
         (self.stdout if stream == "stdout" else self.stderr)._feed(data)
+        if self._budget.full:
+            # The reader is about to pause: wake every reader, read_all included, to make room.
+            self.stdout._readable.set()
+            self.stderr._readable.set()
 
     def _kill_failed(self, error: SandboxException) -> None:
         self._kill.resolve(error)
@@ -232,8 +321,11 @@ class SandboxProcess:
 
         Raises the connection's error if the process could not be followed to its end.
         """
-        with deadline(timeout, "waiting for the process"):
-            await self._done.wait()
+        if self._done.is_set():
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        else:
+            with deadline(timeout, "waiting for the process"):
+                await self._done.wait()
         if self._error is not None:
             raise self._error
         return self.returncode

@@ -22,7 +22,7 @@ from .blaster import Blaster
 from .clients import LIBRARY_OF
 
 BASELINE = "raw websockets"
-ALL = ("throughput", "roundtrip", "scale", "memory", "core")
+ALL = ("throughput", "roundtrip", "scale", "memory", "core", "reconnect")
 TRANSPORTS = ("websockets", "aiohttp", "trio")
 MB = 1e6
 MIB = 2**20
@@ -209,6 +209,41 @@ def bench_core(args: argparse.Namespace) -> list[Row]:
     ]
 
 
+def bench_reconnect(args: argparse.Namespace) -> list[Row]:
+    from . import reconnect
+
+    names = [BASELINE, *args.transports]
+    runs: dict[str, list[list[float]]] = {name: [] for name in names}
+    with reconnect.server_and_proxy() as (server_url, proxy):
+        for order in _rotations(names, args.repeats):
+            for name in order:
+                if name == BASELINE:
+                    runs[name].append(reconnect.raw_attach(server_url, proxy, args.reconnects))
+                else:
+                    runs[name].append(reconnect.ours(name, proxy, args.reconnects))
+            _log("reconnect: " + ", ".join(f"{n} {_median(runs[n][-1]) * 1e3:.2f} ms" for n in order))
+
+    def describe(name: str) -> str:
+        median = _median([_median(r) for r in runs[name]]) * 1e3
+        return f"median {median:.2f} ms, max {_median([max(r) for r in runs[name]]) * 1e3:.2f} ms"
+
+    rows = []
+    for name in args.transports:
+        ratio = _median([_median(t) / _median(b) for b, t in zip(runs[BASELINE], runs[name], strict=True)])
+        rows.append(
+            Row(
+                f"6. reconnect after a cut x {args.reconnects}",
+                name,
+                describe(name),
+                f"raw attach: {describe(BASELINE)}",
+                f"{ratio:.2f}x",
+                "(report)",
+                "-",
+            )
+        )
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     header = Row("benchmark", "client", "result", "baseline (raw websockets loop)", "ratio", "goal", "met")
     table = [header, *rows]
@@ -259,6 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--large-frames", type=int, help="4 KiB frames per exec (default 20000)")
     parser.add_argument("--execs", type=int, help="sequential execs of the round-trip benchmark (default 2000)")
     parser.add_argument("--sandboxes", type=int, help="concurrent sandboxes of the scale benchmark (default 1000)")
+    parser.add_argument("--reconnects", type=int, help="reconnects after a cut, per run (default 20)")
     parser.add_argument("--memory-mb", type=int, help="MB written while the reader pauses (default 200)")
     parser.add_argument("--pause", type=float, help="seconds the reader pauses (default 5)")
     parser.add_argument("--buffer-mib", type=int, help="stream_buffer_size of the memory benchmark (default 16)")
@@ -274,6 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "large_frames": 2_000 if quick else 20_000,
         "execs": 300 if quick else 2_000,
         "sandboxes": 200 if quick else 1_000,
+        "reconnects": 10 if quick else 20,
         "memory_mb": 20 if quick else 200,
         "pause": 1.0 if quick else 5.0,
         # Small enough that even the slowest transport fills it within the quick pause.
@@ -308,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.only:
             if name == "core":
                 rows += bench_core(args)
+            elif name == "reconnect":
+                rows += bench_reconnect(args)
             else:
                 rows += benches[name](blaster.url, args)
     print_table(rows)

@@ -8,6 +8,7 @@ server events and statuses are kept, not rejected (section 4).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -205,17 +206,40 @@ def encode_server_frame(frame: ServerFrame) -> str:
     raise TypeError(f"cannot encode {type(frame).__name__}")
 
 
-def load_object(text: str | bytes) -> dict[str, Any]:
-    """Parse one message as a JSON object, or raise :class:`RemoteProtocolError`."""
+# The C scanner behind ``json.loads``, without its two layers of Python wrappers
+# (~2.5 us of a ~4 us parse of a small frame). Only a message it consumes whole
+# is taken from it; anything else goes through ``json.loads`` for the same
+# result or error message.
+_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def load_json(text: str | bytes) -> Any:
+    """Parse one message as JSON (any value), or raise :class:`RemoteProtocolError`."""
+    if type(text) is str:
+        try:
+            obj, end = _scan_once(text, 0)
+        except (StopIteration, ValueError, RecursionError):
+            pass
+        else:
+            if end == len(text):
+                return obj
     if not isinstance(text, str):
         raise RemoteProtocolError("binary frames are not part of the protocol")
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise RemoteProtocolError(f"frame is not valid JSON: {exc}") from None
+
+
+def _require_object(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"frame is a JSON {type(obj).__name__}, not an object")
     return obj
+
+
+def load_object(text: str | bytes) -> dict[str, Any]:
+    """Parse one message as a JSON object, or raise :class:`RemoteProtocolError`."""
+    return _require_object(load_json(text))
 
 
 def _optional_int(obj: dict[str, Any], key: str) -> int | None:
@@ -236,7 +260,12 @@ def _required_str(obj: dict[str, Any], key: str) -> str:
 
 def decode_server_frame(text: str | bytes) -> ServerFrame:
     """Parse a server message into a typed frame."""
-    obj = load_object(text)
+    return decode_server_object(load_json(text))
+
+
+def decode_server_object(value: Any) -> ServerFrame:
+    """A typed frame from an already parsed message (see :func:`load_json`)."""
+    obj = _require_object(value)
     event = obj.get("event")
     if event == "status_update":
         status = parse_status(_required_str(obj, "status"))
