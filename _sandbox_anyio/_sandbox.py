@@ -160,6 +160,7 @@ class BaseSandbox:
         self._ended = Flag()
         self._end_error: SandboxException | None = None
         self._close_code: int | None = None
+        self._close_abort = False
         self._reconnect_delay: float | None = None
         self._reader_scope: anyio.CancelScope | None = None
         self._reader_done: Flag | None = None
@@ -274,6 +275,11 @@ class BaseSandbox:
         code, self._close_code = self._close_code, None
         if code is None:
             return
+        if self._close_abort:
+            # After a timeout the peer is not answering: a closing handshake would only wait.
+            with anyio.CancelScope(shield=True):
+                await self._transport.abort()
+            return
         with anyio.move_on_after(CLOSE_TIMEOUT):
             try:
                 await self._transport.close(code)
@@ -316,6 +322,7 @@ class BaseSandbox:
                 logger.info("reconnected to sandbox %s%s", self.sandbox_id, " (restored)" if event.restored else "")
             elif isinstance(event, CloseConnection):
                 self._close_code = event.code
+                self._close_abort = event.abort
             elif isinstance(event, SessionEnded):
                 self._end_error = event.error
                 self._ended.set()

@@ -56,6 +56,10 @@ class Transport(Protocol):
 
     async def close(self, code: int = 1000) -> None: ...
 
+    async def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake."""
+        ...
+
 
 def default_ssl_context(url: str, ssl: ssl_module.SSLContext | None) -> ssl_module.SSLContext | None:
     """The TLS context for ``url``: certifi's CA bundle unless the caller gave one.

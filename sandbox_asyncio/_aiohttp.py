@@ -175,6 +175,14 @@ class AiohttpTransport:
         finally:
             await self._release()
 
+    async def abort(self) -> None:
+        try:
+            if self._ws is not None:
+                # Closing the HTTP response drops its connection without a WebSocket close.
+                self._ws._response.close()
+        finally:
+            await self._release()
+
     async def _release(self) -> None:
         shared, self._shared = self._shared, None
         if shared is not None:

@@ -75,6 +75,10 @@ class WebsocketsTransport:
         if self._ws is not None:
             await self._ws.close(code)
 
+    async def abort(self) -> None:
+        if self._ws is not None:
+            self._ws.transport.abort()
+
 
 def _close_info(exc: websockets.ConnectionClosed) -> tuple[int, str]:
     if exc.rcvd is not None:

@@ -199,6 +199,8 @@ class CloseConnection:
     """The adapter must close the socket with this code."""
 
     code: int = 1000
+    #: Drop the connection without a closing handshake: the peer stopped answering.
+    abort: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -949,7 +951,7 @@ class ClientProtocol:
         self.state = SandboxState.KILLED
         self._emit(KillSandboxDone(None))
         self._end(None)
-        self._emit(CloseConnection(1000))
+        self._emit(CloseConnection(1000, abort=True))
 
     def checkpoint(self) -> None:
         self._require_running("checkpoint")
@@ -974,7 +976,7 @@ class ClientProtocol:
         self._checkpoint_pending = False
         err = SandboxConnectionError(f"{what} timed out")
         self._end(err)
-        self._emit(CloseConnection(1000))
+        self._emit(CloseConnection(1000, abort=True))
 
     def snapshot_timed_out(self) -> None:
         self._snapshot_pending = False

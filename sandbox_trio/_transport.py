@@ -149,6 +149,9 @@ class TrioWebsocketTransport:
         finally:
             await self._release()
 
+    async def abort(self) -> None:
+        await self._release()
+
     async def _release(self) -> None:
         """Stop the keepalive and close the socket: trio-websocket leaves that to the garbage collector."""
         self._keepalive_scope.cancel()

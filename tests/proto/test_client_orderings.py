@@ -1092,3 +1092,21 @@ def test_exec_errors_carry_status_and_server_text() -> None:
     (event,) = client.events()
     assert isinstance(event.error, SandboxExecutionError)
     assert "not in the RUNNING state" in str(event.error)
+
+
+def test_a_timed_out_session_is_dropped_without_a_closing_handshake() -> None:
+    # A peer that stopped answering would only make a closing handshake wait.
+    client = created()
+    client.events()
+    client.checkpoint()
+    client.operation_timed_out("checkpoint")
+    closes = [e for e in client.events() if isinstance(e, CloseConnection)]
+    assert closes == [CloseConnection(1000, abort=True)]
+
+
+def test_a_deliberate_close_keeps_the_closing_handshake() -> None:
+    client = created()
+    client.events()
+    client.close()
+    closes = [e for e in client.events() if isinstance(e, CloseConnection)]
+    assert closes == [CloseConnection(1000, abort=False)]
