@@ -53,6 +53,16 @@ async def test_cv03_bash_failure_has_stderr_and_no_exit_code_upstream(any_local:
     assert result.exit_code == (3 if any_local.protocol == "extended" else None)
 
 
+#: CV-07 and CV-08 fail the same way whether the server has storage or not.
+NEEDS_CHECKPOINT = [
+    ('{"enable_sandbox_handoff":true}', "Sandbox handoff requires checkpointing to be enabled."),  # CV-07
+    (
+        '{"enable_idle_timeout_auto_checkpoint":true}',
+        "Idle timeout auto checkpoint requires checkpointing to be enabled.",
+    ),  # CV-08
+]
+
+
 @pytest.mark.parametrize(
     ("init", "message"),
     [
@@ -61,11 +71,7 @@ async def test_cv03_bash_failure_has_stderr_and_no_exit_code_upstream(any_local:
             '{"idle_timeout":60,"filesystem_snapshot_name":"base-env"}',
             "Filesystem snapshot is not enabled on the server.",
         ),  # CV-06
-        ('{"enable_sandbox_handoff":true}', "Sandbox handoff requires checkpointing to be enabled."),  # CV-07
-        (
-            '{"enable_idle_timeout_auto_checkpoint":true}',
-            "Idle timeout auto checkpoint requires checkpointing to be enabled.",
-        ),  # CV-08
+        *NEEDS_CHECKPOINT,
     ],
 )
 async def test_cv05_to_08_creation_errors(any_plain: LocalServer, init: str, message: str) -> None:
@@ -76,16 +82,7 @@ async def test_cv05_to_08_creation_errors(any_plain: LocalServer, init: str, mes
     assert not any_plain.manager.sandboxes
 
 
-@pytest.mark.parametrize(
-    ("init", "message"),
-    [
-        ('{"enable_sandbox_handoff":true}', "Sandbox handoff requires checkpointing to be enabled."),  # CV-07
-        (
-            '{"enable_idle_timeout_auto_checkpoint":true}',
-            "Idle timeout auto checkpoint requires checkpointing to be enabled.",
-        ),  # CV-08
-    ],
-)
+@pytest.mark.parametrize(("init", "message"), NEEDS_CHECKPOINT)
 async def test_cv07_08_creation_errors_with_storage(any_local: LocalServer, init: str, message: str) -> None:
     wire = await Wire.open(any_local.url, "/create", any_local.protocol)
     await wire.send(init)
