@@ -6,6 +6,7 @@ running the background reader.
 """
 
 from ._auth import TokenProvider, google_id_token_provider
+from ._handoff import Handoff, WebsocketsTransportBase
 from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, SandboxProcess, SandboxStream, deadline
 from ._sandbox import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -13,7 +14,6 @@ from ._sandbox import (
     AttachOptions,
     BaseSandbox,
     CreateOptions,
-    Spawn,
     attach_protocol,
     create_protocol,
     open_timeout,
@@ -25,6 +25,9 @@ from ._transport import (
     PING_TIMEOUT,
     USER_AGENT,
     HandshakeRefused,
+    PullTransport,
+    Receiver,
+    Spawn,
     Transport,
     TransportClosed,
     default_ssl_context,
@@ -43,13 +46,17 @@ __all__ = [
     "PING_TIMEOUT",
     "USER_AGENT",
     "BaseSandbox",
+    "Handoff",
     "HandshakeRefused",
+    "PullTransport",
+    "Receiver",
     "SandboxProcess",
     "SandboxStream",
     "Spawn",
     "TokenProvider",
     "Transport",
     "TransportClosed",
+    "WebsocketsTransportBase",
     "attach_protocol",
     "create_protocol",
     "deadline",

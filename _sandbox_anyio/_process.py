@@ -174,7 +174,7 @@ class SandboxStream:
     newline included); :meth:`read_all` everything until the process ends.
     """
 
-    def __init__(self, name: str, budget: OutputBudget, space: Wakeup) -> None:
+    def __init__(self, name: str, budget: OutputBudget, space: Callable[[], None]) -> None:
         self.name = name
         self._buffer = OutputBuffer(budget)
         self._budget = budget
@@ -215,13 +215,13 @@ class SandboxStream:
                 try:
                     while (item := pop()) is None:
                         if not self._budget.full:
-                            self._space.set()  # what we took made room: let the reader go on
+                            self._space()  # what we took made room: let the socket be read again
                         await self._readable.wait()
                 finally:
                     if eager:
                         self._eager_waiters -= 1
         if not self._budget.full:
-            self._space.set()
+            self._space()
         return item
 
     async def read(self, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> str:
@@ -258,12 +258,12 @@ class SandboxStream:
 class SandboxProcess:
     """One exec in a sandbox: its output streams, stdin, exit and kill."""
 
-    def __init__(self, sandbox: BaseSandbox, exec_id: int, buffer_limit: int) -> None:
+    def __init__(self, sandbox: BaseSandbox, exec_id: int, buffer_limit: int, space: Callable[[], None]) -> None:
         self._sandbox = sandbox
         self.exec_id = exec_id
         self._budget = OutputBudget(buffer_limit)
-        #: Woken when the user's buffers have room again; the reader waits on it (back-pressure).
-        self._space = Wakeup()
+        #: Called when the user's buffers have room again: reading the socket resumes (back-pressure).
+        self._space = space
         self.stdout = SandboxStream("stdout", self._budget, self._space)
         self.stderr = SandboxStream("stderr", self._budget, self._space)
         self._started = Outcome()
@@ -292,7 +292,7 @@ class SandboxProcess:
         self._started.resolve(error or SandboxStateError("the process ended before it started"))
         self.stdout._end(error)
         self.stderr._end(error)
-        self._space.set()  # nothing more will arrive for this process
+        self._space()  # nothing more will arrive for this process
         self._done.set()
         self._kill.resolve(None)
 

@@ -1,8 +1,13 @@
 """The runtime-neutral sandbox driver: moves frames between a transport and ``sandbox_proto``.
 
 Written on anyio, so one implementation serves asyncio and trio. What differs
-per runtime is small and injected: the transport, and how the background
-reader is started (an asyncio task, or a trio nursery).
+per runtime is small and injected: the transport, and how a background task
+is started (an asyncio task, or a trio nursery).
+
+The transport calls the driver (:meth:`BaseSandbox.message_received`) as each
+message arrives; the driver feeds the core and wakes whoever waits, so a
+reply reaches its caller in one task switch. Background tasks are only for
+what must wait: sending a reply the core queued, and reconnecting.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from sandbox_proto import (
 from . import _files
 from ._auth import TokenProvider, fetch_token, google_id_token_provider
 from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, Flag, Outcome, SandboxProcess, SendLock, deadline
-from ._transport import CLOSE_TIMEOUT, HandshakeRefused, Transport, TransportClosed
+from ._transport import CLOSE_TIMEOUT, HandshakeRefused, Spawn, Transport, TransportClosed
 
 logger = logging.getLogger("sandbox")
 _debug_logger = logging.getLogger("sandbox.debug")
@@ -57,8 +62,6 @@ DEFAULT_SNAPSHOT_TIMEOUT = 120.0
 DEFAULT_STREAM_BUFFER = 16 * 2**20
 
 _PROCESS_EVENTS = (Output, ExecStarted, ProcessEnded, ExecRejected, OutputIncomplete, KillProcessFailed)
-
-Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 
 def debug_log(enabled: bool) -> logging.Logger:
@@ -152,6 +155,7 @@ class BaseSandbox:
         # Uncontended, taking it costs no event-loop round; and no deque per sandbox.
         self._send_lock = SendLock()
         self._spawn: Spawn | None = None
+        self._clock: Callable[[], float] = anyio.current_time
         self._setup: Outcome | None = None
         self._process: SandboxProcess | None = None
         self._kill_outcome = Outcome()
@@ -162,18 +166,23 @@ class BaseSandbox:
         self._close_code: int | None = None
         self._close_abort = False
         self._reconnect_delay: float | None = None
-        self._reader_scope: anyio.CancelScope | None = None
-        self._reader_done: Flag | None = None
+        self._reading_paused = False
+        self._flush_scheduled = False
+        #: The reconnecting task, while one runs.
+        self._reconnect_scope: anyio.CancelScope | None = None
+        self._reconnect_done: Flag | None = None
         #: Number of times the connection was re-established.
         self.reconnects = 0
 
     # ------------------------------------------------------------------
     # opening
 
-    async def _open(self, spawn: Spawn, timeout: float | None) -> Self:
+    async def _open(self, spawn: Spawn, clock: Callable[[], float], timeout: float | None) -> Self:
+        """Open the sandbox; ``clock`` is the event loop's (the transport calls back outside any task)."""
         if self._setup is not None:
             raise SandboxStateError("this sandbox object is already open")
         self._spawn = spawn
+        self._clock = clock
         self._setup = Outcome()
         try:
             with deadline(timeout, "opening the sandbox"):
@@ -201,52 +210,80 @@ class BaseSandbox:
             cookies = await self._transport.connect(handshake.url, headers, ssl=self._ssl, timeout=open_timeout)
         except SandboxConnectionError as exc:
             status = exc.http_status if isinstance(exc, HandshakeRefused) else None
-            self._protocol.connection_failed(exc, now=anyio.current_time(), http_status=status)
+            self._protocol.connection_failed(exc, now=self._clock(), http_status=status)
             self._dispatch()
             return
         self._protocol.connection_opened(cookies)
-        self._reader_done = Flag()
+        self._reading_paused = False
         assert self._spawn is not None
-        self._spawn(self._read_loop)
+        self._transport.start(self, self._spawn)
         await self._flush()
 
     # ------------------------------------------------------------------
-    # the loop
+    # called by the transport
 
-    async def _read_loop(self) -> None:
-        done = self._reader_done
+    def message_received(self, message: str | bytes) -> None:
+        try:
+            self._protocol.receive(message)
+            self._dispatch()
+        except Exception as exc:  # a bug of ours: never leave waiters hanging
+            self._fail(exc)
+            return
+        if (self._protocol.has_data_to_send or self._close_code is not None) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._background(self._flush_soon)
+        process = self._process
+        if process is not None and process._buffers_full and not self._reading_paused:
+            # Back-pressure: stop reading the socket while the user's buffers are full.
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def connection_lost(self, code: int, reason: str) -> None:
+        try:
+            self._protocol.connection_closed(code, reason, now=self._clock())
+            self._dispatch()
+        except Exception as exc:
+            self._fail(exc)
+            return
+        if self._reconnect_delay is not None and self._reconnect_done is None:
+            self._reconnect_done = Flag()
+            self._background(self._run_reconnect)
+
+    def _resume_reading(self) -> None:
+        """The user's reads made room in the buffers."""
+        if self._reading_paused:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def _fail(self, exc: Exception) -> None:
+        logger.exception("sandbox driver failed")
+        self._protocol.connection_closed(1006, f"internal error: {exc}", now=self._clock())
+        self._protocol.close()
+        self._dispatch()
+        self._close_abort = True
+        self._background(self._close_transport)
+
+    def _background(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        assert self._spawn is not None
+        self._spawn(function)
+
+    async def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        try:
+            await self._flush()
+        except Exception:
+            logger.exception("sending failed")
+
+    async def _run_reconnect(self) -> None:
+        done = self._reconnect_done
         assert done is not None
         try:
-            with anyio.CancelScope() as self._reader_scope:
-                await self._read_frames()
+            with anyio.CancelScope() as self._reconnect_scope:
+                await self._reconnect()
         finally:
+            self._reconnect_scope = None
+            self._reconnect_done = None
             done.set()
-
-    async def _read_frames(self) -> None:
-        try:
-            while True:
-                try:
-                    text = await self._transport.recv()
-                except TransportClosed as closed:
-                    self._protocol.connection_closed(closed.code, closed.reason, now=anyio.current_time())
-                    self._dispatch()
-                    await self._reconnect()
-                    return  # a new reader runs on the new connection, if any
-                self._protocol.receive(text)
-                self._dispatch()
-                if self._protocol.has_data_to_send or self._close_code is not None:
-                    await self._flush()
-                process = self._process
-                while process is not None and process._buffers_full:
-                    # Back-pressure: stop reading the socket while the user's buffers are full.
-                    await process._space.wait()
-        except Exception as exc:  # a bug of ours: never leave waiters hanging
-            logger.exception("sandbox reader failed")
-            self._protocol.connection_closed(1006, f"internal error: {exc}", now=anyio.current_time())
-            self._protocol.close()
-            self._dispatch()
-            with anyio.CancelScope(shield=True):
-                await self._close_transport()
 
     async def _reconnect(self) -> None:
         while (delay := self._reconnect_delay) is not None:
@@ -330,15 +367,17 @@ class BaseSandbox:
                     self._setup.resolve(event.error or SandboxStateError(f"the sandbox is {self.state}"))
 
     async def _settle(self) -> None:
-        """After the session ended: close the socket and stop the reader."""
+        """After the session ended: close the socket and stop reconnecting."""
         self._dispatch()
         if self._close_code is None and self._protocol.is_ended:
             self._close_code = 1000
         await self._close_transport()
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
-        if self._reader_done is not None:
-            await self._reader_done.wait()
+        # A reconnect in progress stops here; the transport's own tasks end with its socket.
+        done = self._reconnect_done
+        if self._reconnect_scope is not None:
+            self._reconnect_scope.cancel()
+        if done is not None:
+            await done.wait()
 
     # ------------------------------------------------------------------
     # public API
@@ -370,7 +409,7 @@ class BaseSandbox:
             exec_id = self._protocol.exec(language, code)
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        process = SandboxProcess(self, exec_id, self._buffer_limit)
+        process = SandboxProcess(self, exec_id, self._buffer_limit, self._resume_reading)
         self._process = process
         try:
             with deadline(timeout, "starting the exec"):

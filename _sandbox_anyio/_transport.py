@@ -1,20 +1,36 @@
 """What every WebSocket transport offers the driver, and the settings they share.
 
-A transport knows nothing of the protocol. Every library's way of failing
-is mapped to one of two outcomes: :class:`SandboxConnectionError` from
-``connect`` (:class:`HandshakeRefused` with the HTTP status when the upgrade
-was refused), and :class:`TransportClosed` from ``send``/``recv`` with a close
-code (1006 for a loss).
+A transport knows nothing of the protocol. It hands each message to a
+:class:`Receiver` (the driver) as soon as it has it, from wherever it has it:
+websockets' connections call it straight from their parsers, so a message
+costs no task switch before the driver sees it. Libraries that only offer a
+``recv()`` get the same shape from :class:`PullTransport`.
+
+Every library's way of failing is mapped to one of two outcomes:
+:class:`SandboxConnectionError` from ``connect`` (:class:`HandshakeRefused`
+with the HTTP status when the upgrade was refused), and a close code (1006
+for a loss): :meth:`Receiver.connection_lost`, or :class:`TransportClosed`
+from ``send``.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl as ssl_module
-from typing import Protocol
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 import certifi
 
 from sandbox_proto import SandboxConnectionError
+
+from ._process import Wakeup
+
+logger = logging.getLogger("sandbox")
+
+#: Starts a background task: an asyncio task, or a trio nursery's ``start_soon``.
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 #: Both directions, every transport: the server accepts frames up to 16 MiB (1.1).
 MAX_MESSAGE_SIZE = 16 * 2**20
@@ -43,22 +59,91 @@ class HandshakeRefused(SandboxConnectionError):
         self.http_status = http_status
 
 
+class Receiver(Protocol):
+    """Where a transport delivers: called synchronously, in order, never concurrently."""
+
+    def message_received(self, message: str | bytes) -> None: ...
+
+    def connection_lost(self, code: int, reason: str) -> None:
+        """The connection is over (called once, after the last message)."""
+        ...
+
+
 class Transport(Protocol):
+    """One WebSocket connection at a time; the driver makes a new connect for a reconnect."""
+
     async def connect(
         self, url: str, headers: dict[str, str], *, ssl: ssl_module.SSLContext | None, timeout: float
     ) -> list[str]:
-        """Open the WebSocket; return the handshake response's Set-Cookie values."""
+        """Open the WebSocket; return the handshake response's Set-Cookie values.
+
+        Messages that arrive before :meth:`start` are held for it.
+        """
         ...
 
-    async def send(self, text: str) -> None: ...
+    def start(self, receiver: Receiver, spawn: Spawn) -> None:
+        """Deliver the held messages, then every later one, then the end, to ``receiver``."""
+        ...
 
-    async def recv(self) -> str | bytes: ...
+    def pause_reading(self) -> None:
+        """Stop reading the socket (back-pressure) until :meth:`resume_reading`."""
+        ...
+
+    def resume_reading(self) -> None: ...
+
+    async def send(self, text: str) -> None: ...
 
     async def close(self, code: int = 1000) -> None: ...
 
     async def abort(self) -> None:
         """Drop the connection at once, without a closing handshake."""
         ...
+
+
+class PullTransport(ABC):
+    """A :class:`Transport` for libraries that only offer ``recv()``: a task reads and delivers."""
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._resumed = Wakeup()
+
+    @abstractmethod
+    async def recv(self) -> str | bytes:
+        """The next message; :class:`TransportClosed` once the connection is over."""
+
+    @abstractmethod
+    async def abort(self) -> None: ...
+
+    def start(self, receiver: Receiver, spawn: Spawn) -> None:
+        self._paused = False
+
+        async def pump() -> None:
+            await self._pump(receiver)
+
+        spawn(pump)
+
+    async def _pump(self, receiver: Receiver) -> None:
+        while True:
+            try:
+                message = await self.recv()
+            except TransportClosed as closed:
+                receiver.connection_lost(closed.code, closed.reason)
+                return
+            except Exception as exc:  # a library's surprise must not leave the driver waiting
+                logger.exception("reading the WebSocket failed")
+                await self.abort()
+                receiver.connection_lost(1006, f"transport failed: {type(exc).__name__}")
+                return
+            receiver.message_received(message)
+            while self._paused:
+                await self._resumed.wait()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self._resumed.set()
 
 
 def default_ssl_context(url: str, ssl: ssl_module.SSLContext | None) -> ssl_module.SSLContext | None:

@@ -28,6 +28,7 @@ from _sandbox_anyio import (
     MAX_MESSAGE_SIZE,
     PING_INTERVAL,
     HandshakeRefused,
+    PullTransport,
     TransportClosed,
     default_ssl_context,
 )
@@ -83,8 +84,9 @@ async def _release_shared(shared: _SharedSession) -> None:
         await shared.session.close()
 
 
-class AiohttpTransport:
+class AiohttpTransport(PullTransport):
     def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+        super().__init__()
         self._session = session
         self._shared: _SharedSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None

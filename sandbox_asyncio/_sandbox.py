@@ -49,7 +49,8 @@ class _Opening:
         self._timeout = timeout
 
     def __await__(self) -> Generator[Any, None, Sandbox]:
-        return self._sandbox._open(self._sandbox._start_task, self._timeout).__await__()
+        clock = asyncio.get_running_loop().time
+        return self._sandbox._open(self._sandbox._start_task, clock, self._timeout).__await__()
 
     async def __aenter__(self) -> Sandbox:
         return await self
@@ -74,7 +75,7 @@ class Sandbox(BaseSandbox):
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _start_task(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        task = asyncio.get_running_loop().create_task(function(), name=f"sandbox-reader-{self.sandbox_id}")
+        task = asyncio.get_running_loop().create_task(function(), name=f"sandbox-{self.sandbox_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

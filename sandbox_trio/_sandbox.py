@@ -1,6 +1,6 @@
-"""``Sandbox`` for trio: the shared driver, trio-websocket, and a nursery.
+"""``Sandbox`` for trio: the shared driver, websockets (or trio-websocket), and a nursery.
 
-The one difference from asyncio: a background reader must live in a nursery.
+The one difference from asyncio: the connection's tasks must live in a nursery.
 ``async with Sandbox.create(url) as sandbox`` opens one for the block; a
 sandbox that outlives a block takes the caller's: ``await Sandbox.create(url, nursery=n)``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any, Literal, Unpack
 
 import trio
 
@@ -24,7 +24,19 @@ from _sandbox_anyio import (
 )
 from sandbox_proto import SandboxStateError
 
-from ._transport import TrioWebsocketTransport
+from ._trio_websocket import TrioWebsocketTransport
+from ._websockets import WebsocketsTransport
+
+TransportName = Literal["websockets", "trio-websocket"]
+_Transport = WebsocketsTransport | TrioWebsocketTransport
+
+
+def _make_transport(transport: TransportName) -> _Transport:
+    if transport == "websockets":
+        return WebsocketsTransport()
+    if transport == "trio-websocket":
+        return TrioWebsocketTransport()
+    raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'trio-websocket'")
 
 
 class _Opening:
@@ -80,18 +92,26 @@ class Sandbox(BaseSandbox):
 
     Same calls, options, return types and exceptions as ``sandbox_asyncio.Sandbox``,
     plus ``nursery=`` for a sandbox that outlives one ``async with`` block.
+    ``transport="trio-websocket"`` uses trio-websocket instead of websockets.
     """
 
-    _transport: TrioWebsocketTransport
+    _transport: _Transport
 
     async def _open_in(self, nursery: trio.Nursery, timeout: float | None) -> Sandbox:
         self._transport.nursery = nursery
-        return await self._open(nursery.start_soon, timeout)
+        return await self._open(nursery.start_soon, trio.current_time, timeout)
 
     @classmethod
-    def create(cls, url: str, *, nursery: trio.Nursery | None = None, **options: Unpack[CreateOptions]) -> _Opening:
+    def create(
+        cls,
+        url: str,
+        *,
+        nursery: trio.Nursery | None = None,
+        transport: TransportName = "websockets",
+        **options: Unpack[CreateOptions],
+    ) -> _Opening:
         """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
-        sandbox = cls(url, create_protocol(url, options), TrioWebsocketTransport(), options)
+        sandbox = cls(url, create_protocol(url, options), _make_transport(transport), options)
         return _Opening(sandbox, open_timeout(options), nursery)
 
     @classmethod
@@ -102,8 +122,10 @@ class Sandbox(BaseSandbox):
         sandbox_token: str,
         *,
         nursery: trio.Nursery | None = None,
+        transport: TransportName = "websockets",
         **options: Unpack[AttachOptions],
     ) -> _Opening:
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
         protocol = attach_protocol(url, sandbox_id, sandbox_token, options)
-        return _Opening(cls(url, protocol, TrioWebsocketTransport(), options), open_timeout(options), nursery)
+        sandbox = cls(url, protocol, _make_transport(transport), options)
+        return _Opening(sandbox, open_timeout(options), nursery)

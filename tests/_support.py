@@ -180,13 +180,15 @@ class Client:
 
     @property
     def module(self) -> Any:
-        return sandbox_trio if self.transport == "trio" else sandbox_asyncio
+        return sandbox_trio if self.transport.startswith("trio") else sandbox_asyncio
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
         if self.transport == "aiohttp":
             options.setdefault("transport", "aiohttp")
-        elif self.transport == "trio":
+        elif self.transport.startswith("trio"):
             options.setdefault("nursery", self.nursery)
+            if self.transport == "trio-websocket":
+                options.setdefault("transport", "trio-websocket")
         return options
 
     def create(self, url: str, **options: Any) -> Any:

@@ -1,4 +1,4 @@
-"""One suite, every transport: websockets and aiohttp on asyncio, trio-websocket on trio."""
+"""One suite, every transport: websockets and aiohttp on asyncio, websockets and trio-websocket on trio."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import trio
 from _support import Client
 
-TRANSPORTS = ["websockets", "aiohttp", "trio"]
+#: "trio" is trio's default transport (websockets).
+TRANSPORTS = ["websockets", "aiohttp", "trio", "trio-websocket"]
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -18,12 +19,12 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def anyio_backend(transport: str) -> str:
-    return "trio" if transport == "trio" else "asyncio"
+    return "trio" if transport.startswith("trio") else "asyncio"
 
 
 @pytest.fixture
 async def client(transport: str) -> AsyncIterator[Client]:
-    if transport != "trio":
+    if not transport.startswith("trio"):
         yield Client(transport)
         return
     # On trio a sandbox that outlives one block lives in a nursery: the test's.

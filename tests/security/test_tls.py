@@ -17,7 +17,7 @@ from sandbox_proto import SandboxConnectionError
 
 pytestmark = pytest.mark.anyio
 
-FLAVOURS = ["websockets", "aiohttp", "trio"]
+FLAVOURS = ["websockets", "aiohttp", "trio", "trio-websocket"]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,13 @@ def flavour(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def anyio_backend(flavour: str) -> str:
-    return "trio" if flavour == "trio" else "asyncio"
+    return "trio" if flavour.startswith("trio") else "asyncio"
 
 
 def create(flavour: str, url: str, **options: Any) -> Any:
-    if flavour == "trio":
+    if flavour == "trio-websocket":
+        options["transport"] = "trio-websocket"
+    if flavour.startswith("trio"):
         return sandbox_trio.Sandbox.create(url, **options)
     if flavour == "aiohttp":
         options["transport"] = "aiohttp"

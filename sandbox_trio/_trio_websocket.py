@@ -1,4 +1,4 @@
-"""The trio transport, on ``trio-websocket``.
+"""The other trio transport, on ``trio-websocket`` (``transport="trio-websocket"``).
 
 trio-websocket sends no keepalive pings, so this transport runs its own
 (same interval and answer time as the other transports) in the sandbox's
@@ -27,6 +27,7 @@ from _sandbox_anyio import (
     PING_TIMEOUT,
     USER_AGENT,
     HandshakeRefused,
+    PullTransport,
     TransportClosed,
     default_ssl_context,
 )
@@ -37,8 +38,9 @@ logging.getLogger("trio-websocket").addFilter(RedactingFilter())
 logger = logging.getLogger("sandbox_trio")
 
 
-class TrioWebsocketTransport:
+class TrioWebsocketTransport(PullTransport):
     def __init__(self) -> None:
+        super().__init__()
         #: Set by the sandbox before connecting: where the connection's tasks run.
         self.nursery: trio.Nursery | None = None
         self._ws: WebSocketConnection | None = None

@@ -1,0 +1,175 @@
+"""Messages straight from websockets' parser to the driver, on asyncio and trio alike.
+
+websockets' connections queue each message for ``recv()``, and a reader task
+takes it from there: two task switches per message before anyone sees it. Our
+connections (subclasses of websockets' own, which invite it) give every data
+frame to a :class:`Handoff` instead, which assembles messages and calls the
+driver at once, inside the read that parsed them. Keepalive, closing and the
+handshake stay websockets' own.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl as ssl_module
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+import websockets
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+
+from sandbox_proto import SandboxConnectionError, redact
+
+from ._transport import (
+    CLOSE_TIMEOUT,
+    MAX_MESSAGE_SIZE,
+    PING_INTERVAL,
+    PING_TIMEOUT,
+    USER_AGENT,
+    HandshakeRefused,
+    Receiver,
+    Spawn,
+    TransportClosed,
+    default_ssl_context,
+)
+
+
+class Handoff:
+    """What one connection received, on its way to the driver.
+
+    Until :meth:`start` (the driver is not ready before ``connect`` returns)
+    messages and the end are held, then delivered in order.
+    """
+
+    __slots__ = ("_binary", "_fragments", "_held", "_lost", "_over", "receiver")
+
+    def __init__(self) -> None:
+        self.receiver: Receiver | None = None
+        self._held: list[str | bytes] = []
+        self._lost: tuple[int, str] | None = None
+        #: Frames of a fragmented message so far (empty when none is in progress).
+        self._fragments: list[bytes] = []
+        self._binary = False
+        self._over = False
+
+    def take(self, frame: Frame) -> bool:
+        """Assemble ``frame`` if it carries data; ``False`` for control frames.
+
+        Raises ``UnicodeDecodeError`` for a text message that is not UTF-8:
+        the connection must then fail with 1007.
+        """
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT and frame.fin:  # nearly every message
+            self._deliver(str(frame.data, "utf-8"))
+            return True
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self._binary = opcode is Opcode.BINARY
+            if not frame.fin:
+                self._fragments = [bytes(frame.data)]
+                return True
+            self._deliver(bytes(frame.data))
+            return True
+        if opcode is not Opcode.CONT:
+            return False
+        # websockets' parser already refused a continuation with no message to continue.
+        self._fragments.append(bytes(frame.data))
+        if frame.fin:
+            data, self._fragments = b"".join(self._fragments), []
+            self._deliver(data if self._binary else data.decode())
+        return True
+
+    def _deliver(self, message: str | bytes) -> None:
+        if self.receiver is not None:
+            self.receiver.message_received(message)
+        else:
+            self._held.append(message)
+
+    def lost(self, exc: ConnectionClosed) -> None:
+        """The connection is over, with websockets' account of why (reported once)."""
+        if self._over:
+            return
+        self._over = True
+        if exc.rcvd is not None:
+            info = exc.rcvd.code, exc.rcvd.reason
+        elif exc.sent is not None and exc.sent.code != 1000:
+            info = exc.sent.code, exc.sent.reason  # ours, e.g. a keepalive timeout (1011)
+        else:
+            info = 1006, ""
+        if self.receiver is not None:
+            self.receiver.connection_lost(*info)
+        else:
+            self._lost = info
+
+    def start(self, receiver: Receiver) -> None:
+        held, self._held = self._held, []
+        for message in held:
+            receiver.message_received(message)
+        self.receiver = receiver
+        if self._lost is not None:
+            receiver.connection_lost(*self._lost)
+
+
+class _HandoffConnection(Protocol):
+    """What both runtimes' connection subclasses have in common."""
+
+    handoff: Handoff
+    response: Response | None
+
+    async def send(self, message: str) -> None: ...
+
+
+class WebsocketsTransportBase(ABC):
+    """What the websockets transports of asyncio and trio share: options, errors, delivery."""
+
+    #: Extra errors that mean "cannot connect" on this runtime.
+    connect_errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, library_logger: logging.Logger) -> None:
+        self._logger = library_logger
+        self._ws: _HandoffConnection | None = None
+
+    @abstractmethod
+    async def _open(self, url: str, options: dict[str, Any]) -> _HandoffConnection:
+        """Call the runtime's ``connect`` with ``options``."""
+
+    async def connect(
+        self, url: str, headers: dict[str, str], *, ssl: ssl_module.SSLContext | None, timeout: float
+    ) -> list[str]:
+        safe = redact(url)
+        options: dict[str, Any] = {
+            "additional_headers": headers,
+            "open_timeout": timeout,
+            "ping_interval": PING_INTERVAL,
+            "ping_timeout": PING_TIMEOUT,
+            "close_timeout": CLOSE_TIMEOUT,
+            "max_size": MAX_MESSAGE_SIZE,
+            "user_agent_header": USER_AGENT,
+            "logger": self._logger,
+            "ssl": default_ssl_context(url, ssl),
+        }
+        try:
+            ws = await self._open(url, options)
+        except websockets.InvalidStatus as exc:
+            raise HandshakeRefused(safe, exc.response.status_code) from None
+        except TimeoutError:
+            raise SandboxConnectionError(f"{safe}: no WebSocket handshake within {timeout:g}s") from None
+        except (OSError, websockets.InvalidHandshake, websockets.InvalidURI, ssl_module.SSLError) as exc:
+            raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
+        except self.connect_errors as exc:
+            raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
+        assert ws.response is not None
+        self._ws = ws
+        return ws.response.headers.get_all("Set-Cookie")
+
+    def start(self, receiver: Receiver, spawn: Spawn) -> None:
+        assert self._ws is not None
+        self._ws.handoff.start(receiver)
+
+    async def send(self, text: str) -> None:
+        assert self._ws is not None
+        try:
+            await self._ws.send(text)
+        except websockets.ConnectionClosed as exc:
+            raise TransportClosed(exc.rcvd.code if exc.rcvd is not None else 1006) from None
