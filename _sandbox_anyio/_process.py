@@ -296,12 +296,15 @@ class SandboxProcess:
         self._done.set()
         self._kill.resolve(None)
 
-    def _feed(self, stream: str, data: str) -> None:
+    def _feed(self, stream: str, data: str) -> bool:
+        """Hold ``data`` for the user; ``True`` if the buffers are now full."""
         (self.stdout if stream == "stdout" else self.stderr)._feed(data)
-        if self._budget.full:
-            # The reader is about to pause: wake every reader, read_all included, to make room.
-            self.stdout._readable.set()
-            self.stderr._readable.set()
+        if self._budget.used < self._budget.limit:  # not .full: this runs per output frame
+            return False
+        # Reading is about to pause: wake every reader, read_all included, to make room.
+        self.stdout._readable.set()
+        self.stderr._readable.set()
+        return True
 
     def _kill_failed(self, error: SandboxException) -> None:
         self._kill.resolve(error)

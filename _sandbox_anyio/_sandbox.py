@@ -167,6 +167,8 @@ class BaseSandbox:
         self._close_abort = False
         self._reconnect_delay: float | None = None
         self._reading_paused = False
+        #: The last output filled the user's buffers: reading may have to pause.
+        self._buffers_filled = False
         self._flush_scheduled = False
         #: The reconnecting task, while one runs.
         self._reconnect_scope: anyio.CancelScope | None = None
@@ -232,11 +234,13 @@ class BaseSandbox:
         if (self._protocol.has_data_to_send or self._close_code is not None) and not self._flush_scheduled:
             self._flush_scheduled = True
             self._background(self._flush_soon)
-        process = self._process
-        if process is not None and process._buffers_full and not self._reading_paused:
-            # Back-pressure: stop reading the socket while the user's buffers are full.
-            self._reading_paused = True
-            self._transport.pause_reading()
+        if self._buffers_filled:
+            self._buffers_filled = False
+            process = self._process
+            if process is not None and process._buffers_full and not self._reading_paused:
+                # Back-pressure: stop reading the socket while the user's buffers are full.
+                self._reading_paused = True
+                self._transport.pause_reading()
 
     def connection_lost(self, code: int, reason: str) -> None:
         try:
@@ -328,8 +332,8 @@ class BaseSandbox:
         process = self._process  # events never replace it
         for event in self._protocol.events():
             if type(event) is Output:  # the common case, first
-                if process is not None and process.exec_id == event.exec_id:
-                    process._feed(event.stream, event.data)
+                if process is not None and process.exec_id == event.exec_id and process._feed(event.stream, event.data):
+                    self._buffers_filled = True
             elif isinstance(event, _PROCESS_EVENTS):
                 if process is None or process.exec_id != event.exec_id:
                     continue

@@ -23,7 +23,9 @@ from .clients import LIBRARY_OF
 
 BASELINE = "raw websockets"
 ALL = ("throughput", "roundtrip", "scale", "memory", "core", "reconnect")
+#: Measured by default; trio-websocket (trio's other transport) on request.
 TRANSPORTS = ("websockets", "aiohttp", "trio")
+ALL_TRANSPORTS = (*TRANSPORTS, "trio-websocket")
 MB = 1e6
 MIB = 2**20
 #: The "small constant" of the bounded-memory goal, above the stream buffer.
@@ -63,9 +65,14 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)  # noqa: T201 - progress goes to stderr, the table to stdout
 
 
+def _with_libraries(transports: list[str]) -> list[str]:
+    """The baseline, our transports, and the raw loop of each one's library (to split the gap)."""
+    return [BASELINE, *transports, *(LIBRARY_OF[t] for t in transports if LIBRARY_OF[t] != BASELINE)]
+
+
 def bench_throughput(url: str, args: argparse.Namespace) -> list[Row]:
     rows = []
-    names = [BASELINE, *args.transports, *(LIBRARY_OF[t] for t in args.transports if LIBRARY_OF[t] != BASELINE)]
+    names = _with_libraries(args.transports)
     for count, size in ((args.small_frames, 64), (args.large_frames, 4096)):
         times: dict[str, list[float]] = {name: [] for name in names}
         for order in _rotations(names, args.throughput_repeats):
@@ -80,7 +87,7 @@ def bench_throughput(url: str, args: argparse.Namespace) -> list[Row]:
 
         for name in names[1:]:
             ratio = _median([b / t for b, t in zip(base, times[name], strict=True)])
-            ours = name in TRANSPORTS
+            ours = name in ALL_TRANSPORTS
             goal = 1.0 if name == "websockets" else 0.9
             extra = ""
             if ours and LIBRARY_OF[name] in times:
@@ -133,7 +140,7 @@ def bench_roundtrip(url: str, args: argparse.Namespace) -> list[Row]:
 
 
 def bench_scale(url: str, args: argparse.Namespace) -> list[Row]:
-    names = [BASELINE, *args.transports]
+    names = _with_libraries(args.transports)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for order in _rotations(names, args.repeats):
         for name in order:
@@ -145,21 +152,28 @@ def bench_scale(url: str, args: argparse.Namespace) -> list[Row]:
         kib = _median([r["rss_per_conn"] for r in results[name]]) / 1024
         return f"{seconds:.2f} s to open, {kib:.1f} KiB each"
 
+    def memory_ratio(name: str, baseline: str) -> float:
+        pairs = zip(results[baseline], results[name], strict=True)
+        return _median([t["rss_per_conn"] / b["rss_per_conn"] for b, t in pairs])
+
     rows = []
-    base = results[BASELINE]
-    for name in args.transports:
-        pairs = list(zip(base, results[name], strict=True))
-        memory = _median([t["rss_per_conn"] / b["rss_per_conn"] for b, t in pairs])
+    for name in names[1:]:
+        ours = name in ALL_TRANSPORTS
+        memory = memory_ratio(name, BASELINE)
+        pairs = zip(results[BASELINE], results[name], strict=True)
         seconds = _median([t["seconds"] / b["seconds"] for b, t in pairs])
+        extra = ""
+        if ours and LIBRARY_OF[name] != BASELINE:
+            extra = f" ({memory_ratio(name, LIBRARY_OF[name]):.2f}x its library)"
         rows.append(
             Row(
                 f"3. {args.sandboxes:,} idle sandboxes",
-                name,
+                name if ours else f"({name})",
                 describe(name),
                 describe(BASELINE),
-                f"memory {memory:.2f}x, time {seconds:.2f}x",
-                "<= 1.2x",
-                _verdict(memory <= 1.2 and seconds <= 1.2),
+                f"memory {memory:.2f}x{extra}, time {seconds:.2f}x",
+                "<= 1.2x" if ours else "-",
+                _verdict(memory <= 1.2 and seconds <= 1.2 if ours else None),
             )
         )
     return rows
@@ -256,9 +270,15 @@ def print_table(rows: list[Row]) -> None:
 
 
 def profile(url: str, name: str, args: argparse.Namespace) -> None:
-    """cProfile one client's 64-byte throughput run; time split into ours / library / runtime."""
+    """cProfile one client's 64-byte throughput run (or its round trips, with ``--only roundtrip``).
+
+    Prints the time split into ours / library / runtime.
+    """
     profiler = cProfile.Profile()
-    profiler.runcall(measure.throughput, name, url, args.small_frames, 64)
+    if args.only == ["roundtrip"]:
+        profiler.runcall(measure.round_trips, name, url, args.execs)
+    else:
+        profiler.runcall(measure.throughput, name, url, args.small_frames, 64)
     stats = pstats.Stats(profiler)
     groups: dict[str, float] = {}
     for (filename, _, _), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
@@ -298,7 +318,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-mb", type=int, help="MB written while the reader pauses (default 200)")
     parser.add_argument("--pause", type=float, help="seconds the reader pauses (default 5)")
     parser.add_argument("--buffer-mib", type=int, help="stream_buffer_size of the memory benchmark (default 16)")
-    parser.add_argument("--profile", metavar="CLIENT", help="cProfile one client's 64 B throughput run instead")
+    parser.add_argument("--profile", metavar="CLIENT", help="cProfile one client's 64 B throughput run (round trips with --only roundtrip) instead")
     parser.add_argument("--profile-lines", type=int, default=25)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -322,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_repeats = 1
     args.only = [name for name in args.only.split(",") if name]
     args.transports = [name for name in args.transports.split(",") if name]
-    unknown = set(args.only) - set(ALL) | set(args.transports) - set(TRANSPORTS)
+    unknown = set(args.only) - set(ALL) | set(args.transports) - set(ALL_TRANSPORTS)
     if unknown:
         parser.error(f"unknown names: {', '.join(sorted(unknown))}")
     return args

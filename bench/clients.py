@@ -48,13 +48,27 @@ def _is_done(obj: dict[str, Any]) -> bool:
 # -- raw loops ------------------------------------------------------------
 
 
+class TrioKind(Kind):
+    backend = "trio"
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        import trio
+
+        async with trio.open_nursery() as self.nursery:
+            yield
+
+
 class RawWebsockets(Kind):
     name = "raw websockets"
 
     async def open(self, url: str, **options: Any) -> Any:
         from websockets.asyncio.client import connect
 
-        ws = await connect(url.replace("http", "ws", 1) + "/create", max_size=MAX_SIZE, max_queue=16)
+        return await self.created(await connect(url.replace("http", "ws", 1) + "/create", max_size=MAX_SIZE, max_queue=16))
+
+    @staticmethod
+    async def created(ws: Any) -> Any:
         await ws.send(wire.CREATE_INIT)
         while json.loads(await ws.recv()).get("status") != wire.RUNNING:
             pass
@@ -108,16 +122,21 @@ class RawAiohttp(Kind):
         await conn.close()
 
 
-class RawTrioWebsocket(Kind):
+class RawWebsocketsTrio(TrioKind, RawWebsockets):
+    name = "raw websockets-trio"
+
+    async def open(self, url: str, **options: Any) -> Any:
+        from websockets.trio.client import connect
+
+        uri = url.replace("http", "ws", 1) + "/create"
+        return await self.created(await connect(uri, max_size=MAX_SIZE, max_queue=16).connect(self.nursery))
+
+    async def close(self, conn: Any) -> None:
+        await conn.aclose()
+
+
+class RawTrioWebsocket(TrioKind):
     name = "raw trio-websocket"
-    backend = "trio"
-
-    @asynccontextmanager
-    async def scope(self) -> AsyncIterator[None]:
-        import trio
-
-        async with trio.open_nursery() as self.nursery:
-            yield
 
     async def open(self, url: str, **options: Any) -> Any:
         from trio_websocket import connect_websocket_url
@@ -177,33 +196,38 @@ class OursAiohttp(Ours):
     transport = "aiohttp"
 
 
-class OursTrio(Ours):
+class OursTrio(TrioKind, Ours):
     transport = "trio"
-    backend = "trio"
-
-    @asynccontextmanager
-    async def scope(self) -> AsyncIterator[None]:
-        import trio
-
-        async with trio.open_nursery() as self.nursery:
-            yield
+    library = "websockets"
 
     async def open(self, url: str, **options: Any) -> Any:
         from sandbox_trio import Sandbox
 
-        return await Sandbox.create(url, nursery=self.nursery, **options)
+        return await Sandbox.create(url, nursery=self.nursery, transport=self.library, **options)
+
+
+class OursTrioWebsocket(OursTrio):
+    transport = "trio-websocket"
+    library = "trio-websocket"
 
 
 KINDS: dict[str, type[Kind]] = {
     "raw websockets": RawWebsockets,
     "raw aiohttp": RawAiohttp,
+    "raw websockets-trio": RawWebsocketsTrio,
     "raw trio-websocket": RawTrioWebsocket,
     "websockets": Ours,
     "aiohttp": OursAiohttp,
     "trio": OursTrio,
+    "trio-websocket": OursTrioWebsocket,
 }
 #: The library ceiling of each of our transports, to split our cost from the library's.
-LIBRARY_OF = {"websockets": "raw websockets", "aiohttp": "raw aiohttp", "trio": "raw trio-websocket"}
+LIBRARY_OF = {
+    "websockets": "raw websockets",
+    "aiohttp": "raw aiohttp",
+    "trio": "raw websockets-trio",
+    "trio-websocket": "raw trio-websocket",
+}
 
 
 def make(name: str) -> Kind:

@@ -100,6 +100,13 @@ class SandboxState(enum.Enum):
 
 _ENDED = frozenset({SandboxState.CHECKPOINTED, SandboxState.KILLED, SandboxState.CLOSED, SandboxState.FAILED})
 _SETUP = frozenset({SandboxState.CONNECTING, SandboxState.CREATING, SandboxState.ATTACHING, SandboxState.RESTORING})
+#: Statuses about the active process: those of its lifecycle, and a stdin failure.
+_PROCESS_STATUSES = frozenset(
+    status
+    for status in Status
+    if status is Status.SANDBOX_STDIN_ERROR
+    or (status.name.startswith("SANDBOX_EXECUTION_") and status is not Status.SANDBOX_EXECUTION_IN_PROGRESS_ERROR)
+)
 
 
 class ProcessState(enum.Enum):
@@ -137,7 +144,7 @@ class ExecRejected:
     error: SandboxException
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per output frame, and frozen ones cost 3x to make. Read-only.
 class Output:
     exec_id: int
     stream: Stream
@@ -602,9 +609,7 @@ class ClientProtocol:
             return
         if status in FATAL_STATUSES:
             self._reconnectable = False
-        if status is Status.SANDBOX_STDIN_ERROR or (
-            status.name.startswith("SANDBOX_EXECUTION_") and status is not Status.SANDBOX_EXECUTION_IN_PROGRESS_ERROR
-        ):
+        if status in _PROCESS_STATUSES:
             self._on_process_status(frame)
             return
         handler = _SANDBOX_HANDLERS.get(status)

@@ -150,9 +150,9 @@ ServerFrame = StatusFrame | SandboxIdFrame | OutputFrame | ErrorFrame | OutputGa
 # codec
 
 
-def _dumps(obj: dict[str, Any]) -> str:
-    # The server's own format (1.2): compact, raw non-ASCII, insertion order.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+# The server's own format (1.2): compact, raw non-ASCII, insertion order. One
+# encoder for all: json.dumps with options builds a new one per call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def encode_client_frame(frame: ClientFrame) -> str:
