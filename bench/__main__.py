@@ -318,7 +318,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-mb", type=int, help="MB written while the reader pauses (default 200)")
     parser.add_argument("--pause", type=float, help="seconds the reader pauses (default 5)")
     parser.add_argument("--buffer-mib", type=int, help="stream_buffer_size of the memory benchmark (default 16)")
-    parser.add_argument("--profile", metavar="CLIENT", help="cProfile one client's 64 B throughput run (round trips with --only roundtrip) instead")
+    parser.add_argument(
+        "--profile",
+        metavar="CLIENT",
+        help="cProfile one client's 64 B throughput run instead (its round trips with --only roundtrip)",
+    )
     parser.add_argument("--profile-lines", type=int, default=25)
     args = parser.parse_args(argv)
     quick = args.quick

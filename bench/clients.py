@@ -65,7 +65,8 @@ class RawWebsockets(Kind):
     async def open(self, url: str, **options: Any) -> Any:
         from websockets.asyncio.client import connect
 
-        return await self.created(await connect(url.replace("http", "ws", 1) + "/create", max_size=MAX_SIZE, max_queue=16))
+        uri = url.replace("http", "ws", 1) + "/create"
+        return await self.created(await connect(uri, max_size=MAX_SIZE, max_queue=16))
 
     @staticmethod
     async def created(ws: Any) -> Any:
