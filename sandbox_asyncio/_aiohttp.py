@@ -166,8 +166,10 @@ class AiohttpTransport(PullTransport):
         else:
             # CLOSED or ERROR: a loss unless a close code was recorded.
             closed = TransportClosed(self._ws.close_code or 1006)
-        # The connection is over: a reconnect takes the session again, an end needs none.
-        await self._release()
+        if self._ws.closed:
+            # The connection is over: a reconnect takes the session again, an end needs none.
+            # (While our close() is under way it still uses the session, and releases it itself.)
+            await self._release()
         raise closed
 
     async def close(self, code: int = 1000) -> None:

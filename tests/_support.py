@@ -10,9 +10,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+
 import sandbox_asyncio
 import sandbox_trio
 from sandbox_server import LocalServer
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll with a deadline, for state that no event announces (another thread's, or a private flag)."""
+    deadline = anyio.current_time() + timeout
+    while not predicate():
+        if anyio.current_time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.005)
 
 
 class ServerThread:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
-import anyio
 import pytest
-from _support import Client, CuttingProxy, ServerThread
+from _support import Client, CuttingProxy, ServerThread, wait_until
 
 from sandbox_proto import SandboxConnectionError
 
@@ -25,14 +23,6 @@ class RecordingProvider:
         return self.issued[-1]
 
 
-async def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = anyio.current_time() + timeout
-    while not predicate():
-        if anyio.current_time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.01)
-
-
 async def test_provider_called_on_connect_and_reconnect_and_never_logged(
     client: Client, server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -44,7 +34,7 @@ async def test_provider_called_on_connect_and_reconnect_and_never_logged(
         try:
             process = await sandbox.exec("bash", "read line; echo got $line")
             proxy.cut()
-            await _wait_until(lambda: sandbox.reconnects == 1, 20, "the reconnect")
+            await wait_until(lambda: sandbox.reconnects == 1, 20, "the reconnect")
             await process.write_to_stdin("x\n")
             assert await process.stdout.read_all(timeout=20) == "got x\n"
         finally:

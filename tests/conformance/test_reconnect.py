@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import anyio
 import pytest
-from _support import Client, CuttingProxy, ServerThread
+from _support import Client, CuttingProxy, ServerThread, wait_until
 
 from sandbox_proto import ReconnectPolicy, SandboxConnectionError
 
@@ -20,15 +19,6 @@ for i in range(2000):
     time.sleep(0.0025)
 print("got " + input(), flush=True)
 """
-
-
-async def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll with a deadline: the proxy's thread and the client's loop share no event."""
-    deadline = anyio.current_time() + timeout
-    while not predicate():
-        if anyio.current_time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.005)
 
 
 async def test_twenty_cuts_lose_and_duplicate_nothing(client: Client, server: ServerThread) -> None:
@@ -49,17 +39,17 @@ async def test_twenty_cuts_lose_and_duplicate_nothing(client: Client, server: Se
                 group.start_soon(collect)
                 for cut in range(20):
                     seen = len(lines)
-                    await _wait_until(lambda seen=seen: len(lines) > seen + 20 or collected.is_set(), 30, "output")
+                    await wait_until(lambda seen=seen: len(lines) > seen + 20 or collected.is_set(), 30, "output")
                     proxy.cut()
-                    await _wait_until(lambda cut=cut: sandbox.reconnects > cut, 30, f"reconnect {cut + 1}")
+                    await wait_until(lambda cut=cut: sandbox.reconnects > cut, 30, f"reconnect {cut + 1}")
                 if upstream:
                     # Lines may be lost without seq, so there is no count to wait for.
                     await process.write_to_stdin("during the cut\n")
                 else:
                     # A cut with stdin written while the client is reconnecting.
-                    await _wait_until(lambda: len(lines) >= 2000, 60, "all numbered lines")
+                    await wait_until(lambda: len(lines) >= 2000, 60, "all numbered lines")
                     proxy.cut(hold=True)
-                    await _wait_until(lambda: sandbox.state == "reconnecting", 10, "the client to notice the cut")
+                    await wait_until(lambda: sandbox.state == "reconnecting", 10, "the client to notice the cut")
                     await process.write_to_stdin("during the cut\n")
                     proxy.release()
                 await process.wait(timeout=60)
