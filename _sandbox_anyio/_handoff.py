@@ -16,9 +16,10 @@ from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 import websockets
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Response
+from websockets.http11 import Request, Response
 
 from sandbox_proto import SandboxConnectionError, redact
 
@@ -115,10 +116,15 @@ class Handoff:
             receiver.connection_lost(*self._lost)
 
 
+#: Stands for every connection's handshake response once its headers are read.
+_HANDSHAKE_DONE = Response(101, "Switching Protocols", Headers())
+
+
 class _HandoffConnection(Protocol):
     """What both runtimes' connection subclasses have in common."""
 
     handoff: Handoff
+    request: Request | None
     response: Response | None
 
     async def send(self, message: str) -> None: ...
@@ -165,7 +171,12 @@ class WebsocketsTransportBase(ABC):
             raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
         assert ws.response is not None
         self._ws = ws
-        return ws.response.headers.get_all("Set-Cookie")
+        cookies = ws.response.headers.get_all("Set-Cookie")
+        # Read once; a thousand idle sandboxes need not keep their handshakes (~3 KiB each).
+        # websockets only checks that a response came (``response is not None``).
+        ws.request = None
+        ws.response = _HANDSHAKE_DONE
+        return cookies
 
     def start(self, receiver: Receiver, spawn: Spawn) -> None:
         assert self._ws is not None

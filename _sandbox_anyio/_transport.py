@@ -15,6 +15,7 @@ from ``send``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl as ssl_module
 from abc import ABC, abstractmethod
@@ -116,11 +117,7 @@ class PullTransport(ABC):
 
     def start(self, receiver: Receiver, spawn: Spawn) -> None:
         self._paused = False
-
-        async def pump() -> None:
-            await self._pump(receiver)
-
-        spawn(pump)
+        spawn(functools.partial(self._pump, receiver))
 
     async def _pump(self, receiver: Receiver) -> None:
         while True:

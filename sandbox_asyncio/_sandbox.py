@@ -16,7 +16,6 @@ from _sandbox_anyio import (
     create_protocol,
     open_timeout,
 )
-from sandbox_proto import ClientProtocol
 
 from ._websockets import WebsocketsTransport
 
@@ -61,6 +60,11 @@ class _Opening:
         await self._sandbox.__aexit__(exc_type, exc, tb)
 
 
+#: asyncio keeps only weak references to tasks: ours are held here until they end
+#: (one set for every sandbox: a set per sandbox costs ~0.5 KiB each when idle).
+_tasks: set[asyncio.Task[None]] = set()
+
+
 class Sandbox(BaseSandbox):
     """A sandbox of the Cloud Run Sandbox service, on asyncio.
 
@@ -69,15 +73,10 @@ class Sandbox(BaseSandbox):
     :meth:`close` detaches and leaves it running.
     """
 
-    def __init__(self, url: str, protocol: ClientProtocol, transport: Transport, options: AttachOptions) -> None:
-        super().__init__(url, protocol, transport, options)
-        # asyncio keeps only weak references to tasks: hold ours until they end.
-        self._tasks: set[asyncio.Task[None]] = set()
-
     def _start_task(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
         task = asyncio.get_running_loop().create_task(function(), name=f"sandbox-{self.sandbox_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
 
     @classmethod
     def create(
