@@ -10,6 +10,7 @@ handshake stay websockets' own.
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl as ssl_module
 from abc import ABC, abstractmethod
@@ -18,8 +19,11 @@ from typing import Any, Protocol
 import websockets
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Protocol as WebsocketsProtocol
+from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
 
 from sandbox_proto import SandboxConnectionError, redact
 
@@ -44,9 +48,12 @@ class Handoff:
     messages and the end are held, then delivered in order.
     """
 
-    __slots__ = ("_binary", "_fragments", "_held", "_lost", "_over", "receiver")
+    __slots__ = ("_binary", "_fragments", "_held", "_lost", "_over", "_protocol", "failed", "receiver")
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: WebsocketsProtocol) -> None:
+        self._protocol = protocol
+        #: A text message was not UTF-8: the connection failed (1007) and must hang up.
+        self.failed = False
         self.receiver: Receiver | None = None
         self._held: list[str | bytes] = []
         self._lost: tuple[int, str] | None = None
@@ -58,9 +65,17 @@ class Handoff:
     def take(self, frame: Frame) -> bool:
         """Assemble ``frame`` if it carries data; ``False`` for control frames.
 
-        Raises ``UnicodeDecodeError`` for a text message that is not UTF-8:
-        the connection must then fail with 1007.
+        A text message that is not UTF-8 fails the connection with 1007, as
+        websockets' own ``recv()`` would, and sets :attr:`failed`.
         """
+        try:
+            return self._take(frame)
+        except UnicodeDecodeError as exc:
+            self._protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+            self.failed = True
+            return True
+
+    def _take(self, frame: Frame) -> bool:
         opcode = frame.opcode
         if opcode is Opcode.TEXT and frame.fin:  # nearly every message: one call less than _deliver
             text = str(frame.data, "utf-8")
@@ -116,6 +131,17 @@ class Handoff:
             receiver.connection_lost(*self._lost)
 
 
+@functools.cache
+def _proxy_for(host: str, port: int, secure: bool) -> str | None:
+    """The proxy websockets would pick from the environment, read once per host and port.
+
+    websockets reads it on every connect, by scanning the whole environment
+    twice (~0.5 ms per connect here, a third of opening an idle sandbox).
+    """
+    scheme = "wss" if secure else "ws"
+    return get_proxy(parse_uri(f"{scheme}://{host}:{port}/"))
+
+
 #: Stands for every connection's handshake response once its headers are read.
 _HANDSHAKE_DONE = Response(101, "Switching Protocols", Headers())
 
@@ -159,6 +185,11 @@ class WebsocketsTransportBase(ABC):
             "logger": self._logger,
             "ssl": default_ssl_context(url, ssl),
         }
+        try:
+            uri = parse_uri(url)
+        except websockets.InvalidURI as exc:
+            raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
+        options["proxy"] = _proxy_for(uri.host, uri.port, uri.secure)
         try:
             ws = await self._open(url, options)
         except websockets.InvalidStatus as exc:

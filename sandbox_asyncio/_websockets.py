@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.frames import CloseCode, Frame
+from websockets.frames import Frame
 from websockets.protocol import Event
 
 from _sandbox_anyio import Handoff, WebsocketsTransportBase
@@ -26,20 +26,14 @@ class _Connection(ClientConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.handoff = Handoff()
+        self.handoff = Handoff(self.protocol)
 
     def process_event(self, event: Event) -> None:
-        if self.response is not None and isinstance(event, Frame):
-            try:
-                if self.handoff.take(event):
-                    return
-            except UnicodeDecodeError as exc:
-                # As websockets' own recv() would: fail with 1007, then close once the frame is out.
-                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                self.send_data()
-                self.transport.close()
-                return
-        super().process_event(event)
+        if self.response is None or not isinstance(event, Frame) or not self.handoff.take(event):
+            super().process_event(event)
+        elif self.handoff.failed:
+            self.send_data()  # the close frame, then hang up
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

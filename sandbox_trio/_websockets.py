@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 import trio
-from websockets.frames import CloseCode, Frame
+from websockets.frames import Frame
 from websockets.protocol import Event
 from websockets.trio.client import ClientConnection, connect
 
@@ -28,22 +28,17 @@ class _Connection(ClientConnection):
     """websockets' connection, handing messages over as they are parsed instead of queueing them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.handoff = Handoff()
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # its reading task starts later, at a checkpoint
+        self.handoff = Handoff(self.protocol)
 
     def process_event(self, event: Event) -> None:
-        if self.response is not None and isinstance(event, Frame):
-            try:
-                if self.handoff.take(event):
-                    return
-            except UnicodeDecodeError as exc:
-                # As websockets' own recv() would: fail with 1007, send the close frame, hang up.
-                self.protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                self.nursery.start_soon(self._hang_up)
-                return
-        super().process_event(event)
+        if self.response is None or not isinstance(event, Frame) or not self.handoff.take(event):
+            super().process_event(event)
+        elif self.handoff.failed:
+            self.nursery.start_soon(self._hang_up)
 
     async def _hang_up(self) -> None:
+        """Send the close frame of a failed connection, then drop it."""
         with trio.move_on_after(CLOSE_TIMEOUT):
             await self.send_data()
         await trio.aclose_forcefully(self.stream)  # the reading task then ends, through close_stream

@@ -7,8 +7,11 @@ import itertools
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from _sandbox_anyio import Handoff
 
@@ -24,8 +27,12 @@ class Recorder:
         self.calls.append(("lost", (code, reason)))
 
 
+def new_handoff() -> Handoff:
+    return Handoff(ClientProtocol(parse_uri("ws://127.0.0.1/"), state=State.OPEN))
+
+
 def started() -> tuple[Handoff, Recorder]:
-    handoff, recorder = Handoff(), Recorder()
+    handoff, recorder = new_handoff(), Recorder()
     handoff.start(recorder)
     return handoff, recorder
 
@@ -60,15 +67,16 @@ def test_control_frames_are_left_to_websockets(opcode: Opcode) -> None:
     assert recorder.calls == []
 
 
-def test_invalid_utf8_raises_for_the_connection_to_fail() -> None:
+def test_invalid_utf8_fails_the_connection_with_1007() -> None:
     handoff, recorder = started()
-    with pytest.raises(UnicodeDecodeError):
-        handoff.take(Frame(Opcode.TEXT, b"\xff\xfe"))
+    assert handoff.take(Frame(Opcode.TEXT, b"\xff\xfe"))
+    assert handoff.failed
+    assert handoff._protocol.close_sent is not None and handoff._protocol.close_sent.code == 1007
     assert recorder.calls == []
 
 
 def test_what_arrives_before_start_is_held_then_delivered_in_order() -> None:
-    handoff, recorder = Handoff(), Recorder()
+    handoff, recorder = new_handoff(), Recorder()
     handoff.take(Frame(Opcode.TEXT, b"one"))
     handoff.take(Frame(Opcode.TEXT, b"two"))
     handoff.lost(ConnectionClosed(Close(1001, "bye"), None))
