@@ -1,8 +1,8 @@
 """The sandbox driver shared by ``sandbox_asyncio`` and ``sandbox_trio`` (private).
 
 Everything here runs on anyio, so both runtimes get the same behaviour from
-one implementation; each runtime package adds its transports and its way of
-running the background reader.
+one implementation; each runtime package adds its transports, its way of
+starting a background task, and its event loop's clock.
 """
 
 from ._auth import TokenProvider, google_id_token_provider

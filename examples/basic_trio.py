@@ -16,7 +16,7 @@ async def main(url: str) -> None:
         print(await process.stdout.read_all(), end="")
         print("exit code:", await process.wait())
 
-    # A sandbox that outlives one block runs its background reader in a nursery you give it.
+    # A sandbox that outlives one block runs its connection's tasks in a nursery you give it.
     async with trio.open_nursery() as nursery:
         sandbox = await Sandbox.create(url, nursery=nursery)
         process = await sandbox.exec("python", "print(6 * 7)")

@@ -13,7 +13,7 @@ from ._errors import SandboxException
 
 
 class OutputBudget:
-    """Characters held across both streams of one process; ``full`` pauses the reader."""
+    """Characters held across both streams of one process; ``full`` pauses reading the socket."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

@@ -11,7 +11,7 @@ under test runs every waiting call at once. Whatever the script:
   process.kill, checkpoint, snapshot_filesystem, wait_closed) wakes when the
   connection ends, well before its own timeout (a ``SandboxTimeoutError`` or
   the outer deadline firing would mean it hung);
-* the reader task never dies of an internal error (nothing logged at ERROR).
+* the driver never fails internally (nothing logged at ERROR).
 """
 
 from __future__ import annotations
