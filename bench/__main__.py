@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import measure
+from . import clients, measure
 from .blaster import Blaster
 from .clients import LIBRARY_OF
 
@@ -323,6 +323,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pause", type=float, help="seconds the reader pauses (default 5)")
     parser.add_argument("--buffer-mib", type=int, help="stream_buffer_size of the memory benchmark (default 16)")
     parser.add_argument(
+        "--exec-timeout",
+        type=float,
+        default=30.0,
+        help="timeout= of our clients' exec, in s; 0 for none, to see what the timeout costs (default 30)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="CLIENT",
         help="cProfile one client's 64 B throughput run instead (its round trips with --only roundtrip)",
@@ -358,6 +364,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    clients.Ours.exec_timeout = args.exec_timeout or None
     started = time.perf_counter()
     benches: dict[str, Callable[[str, argparse.Namespace], list[Row]]] = {
         "throughput": bench_throughput,

@@ -171,6 +171,8 @@ class RawTrioWebsocket(TrioKind):
 class Ours(Kind):
     ours = True
     transport = "websockets"
+    #: ``exec``'s timeout (its default); ``None`` shows what the cancel scope behind it costs.
+    exec_timeout: float | None = 30.0
 
     def __init__(self) -> None:
         self.name = self.transport
@@ -181,7 +183,7 @@ class Ours(Kind):
         return await Sandbox.create(url, transport=self.transport, **options)
 
     async def exec(self, conn: Any, count: int, size: int) -> Any:
-        return await conn.exec("python", wire.exec_code(count, size))
+        return await conn.exec("python", wire.exec_code(count, size), timeout=self.exec_timeout)
 
     async def collect(self, conn: Any, count: int, size: int) -> int:
         process = await self.exec(conn, count, size)
