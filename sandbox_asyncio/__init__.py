@@ -5,7 +5,7 @@
 ...     print(await process.stdout.read_all())
 """
 
-from _sandbox_anyio import SandboxProcess, SandboxStream, Transport
+from _sandbox_anyio import PullTransport, Receiver, SandboxProcess, SandboxStream, Transport, TransportClosed
 from sandbox_proto import (
     ReconnectPolicy,
     SandboxCheckpointError,
@@ -23,6 +23,8 @@ from sandbox_proto import (
 from ._sandbox import Sandbox
 
 __all__ = [
+    "PullTransport",
+    "Receiver",
     "ReconnectPolicy",
     "Sandbox",
     "SandboxCheckpointError",
@@ -38,4 +40,5 @@ __all__ = [
     "SandboxTimeoutError",
     "Status",
     "Transport",
+    "TransportClosed",
 ]
