@@ -68,6 +68,8 @@ class Handoff:
         A text message that is not UTF-8 fails the connection with 1007, as
         websockets' own ``recv()`` would, and sets :attr:`failed`.
         """
+        if self.failed:
+            return True  # nothing more is processed on a failed connection (RFC 6455, 7.1.7)
         try:
             return self._take(frame)
         except UnicodeDecodeError as exc:

@@ -72,6 +72,7 @@ def test_invalid_utf8_fails_the_connection_with_1007() -> None:
     assert handoff.take(Frame(Opcode.TEXT, b"\xff\xfe"))
     assert handoff.failed
     assert handoff._protocol.close_sent is not None and handoff._protocol.close_sent.code == 1007
+    assert handoff.take(Frame(Opcode.TEXT, b"parsed in the same read, after it"))
     assert recorder.calls == []
 
 
