@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Literal, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import trio
 
@@ -24,17 +24,20 @@ from _sandbox_anyio import (
 )
 from sandbox_proto import SandboxStateError
 
-from ._trio_websocket import TrioWebsocketTransport
 from ._websockets import WebsocketsTransport
 
+if TYPE_CHECKING:
+    from ._trio_websocket import TrioWebsocketTransport
+
 TransportName = Literal["websockets", "trio-websocket"]
-_Transport = WebsocketsTransport | TrioWebsocketTransport
 
 
-def _make_transport(transport: TransportName) -> _Transport:
+def _make_transport(transport: TransportName) -> WebsocketsTransport | TrioWebsocketTransport:
     if transport == "websockets":
         return WebsocketsTransport()
     if transport == "trio-websocket":
+        from ._trio_websocket import TrioWebsocketTransport  # needed only by those who ask for it
+
         return TrioWebsocketTransport()
     raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'trio-websocket'")
 
@@ -95,7 +98,7 @@ class Sandbox(BaseSandbox):
     ``transport="trio-websocket"`` uses trio-websocket instead of websockets.
     """
 
-    _transport: _Transport
+    _transport: WebsocketsTransport | TrioWebsocketTransport
 
     async def _open_in(self, nursery: trio.Nursery, timeout: float | None) -> Sandbox:
         self._transport.nursery = nursery
