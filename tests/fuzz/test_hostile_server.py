@@ -1,4 +1,4 @@
-"""A hostile server against the asyncio client, over a real loopback socket.
+"""A hostile server against the client on asyncio and on trio, over a real loopback socket.
 
 A tiny scripted WebSocket server plays a hypothesis-generated script (any
 text or binary frame, invalid JSON, JSON of every wrong type, unknown events
@@ -17,17 +17,23 @@ under test runs every waiting call at once. Whatever the script:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
+import anyio
 import pytest
+import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
 
+import sandbox_asyncio
+import sandbox_trio
 from sandbox_asyncio import Sandbox
 from sandbox_proto import SandboxConnectionError, SandboxException, SandboxTimeoutError, Status
 
@@ -149,14 +155,17 @@ class ErrorLog(logging.Handler):
 
 
 @contextlib.contextmanager
-def errors_logged() -> Any:
+def errors_logged(runtime: str = "sandbox_asyncio") -> Any:
     handler = ErrorLog()
-    log = logging.getLogger("sandbox_asyncio")
-    log.addHandler(handler)
+    # The driver's own log ("sandbox driver failed") and the transport's (websockets' included).
+    logs = [logging.getLogger("sandbox"), logging.getLogger(runtime)]
+    for log in logs:
+        log.addHandler(handler)
     try:
         yield handler.records
     finally:
-        log.removeHandler(handler)
+        for log in logs:
+            log.removeHandler(handler)
 
 
 async def outcome(call: Awaitable[Any]) -> BaseException | None:
@@ -175,12 +184,12 @@ def check(results: list[BaseException | None], what: list[str]) -> None:
         assert not isinstance(result, SandboxTimeoutError), f"{name} hung until its timeout: {result!r}"
 
 
-async def drive(url: str, ops: frozenset[str], attach: bool) -> None:
+async def drive(url: str, ops: frozenset[str], attach: bool, runtime: Any = sandbox_asyncio, **options: Any) -> None:
     """Every public waiting call at once, as a user with several tasks would."""
     if attach:
-        opening = Sandbox.attach(url, "sandbox-x", "tok", timeout=CALL_TIMEOUT)
+        opening = runtime.Sandbox.attach(url, "sandbox-x", "tok", timeout=CALL_TIMEOUT, **options)
     else:
-        opening = Sandbox.create(url, timeout=CALL_TIMEOUT)
+        opening = runtime.Sandbox.create(url, timeout=CALL_TIMEOUT, **options)
     try:
         sandbox = await opening
     except Exception as exc:
@@ -191,7 +200,20 @@ async def drive(url: str, ops: frozenset[str], attach: bool) -> None:
     await exercise(sandbox, ops)
 
 
-async def exercise(sandbox: Sandbox, ops: frozenset[str]) -> None:
+async def gather(calls: list[Awaitable[Any]]) -> list[BaseException | None]:
+    """The outcome of every call, run at once (on either runtime)."""
+    results: list[BaseException | None] = [None] * len(calls)
+
+    async def run(index: int, call: Awaitable[Any]) -> None:
+        results[index] = await outcome(call)
+
+    async with anyio.create_task_group() as group:
+        for index, call in enumerate(calls):
+            group.start_soon(run, index, call)
+    return results
+
+
+async def exercise(sandbox: Any, ops: frozenset[str]) -> None:
     names: list[str] = []
     calls: list[Awaitable[Any]] = []
     process = None
@@ -219,8 +241,7 @@ async def exercise(sandbox: Sandbox, ops: frozenset[str]) -> None:
         calls.append(sandbox.checkpoint(timeout=CALL_TIMEOUT))
     names.append("wait_closed")
     calls.append(sandbox.wait_closed(timeout=CALL_TIMEOUT))
-    results = await asyncio.gather(*(outcome(c) for c in calls))
-    check(list(results), names)
+    check(await gather(calls), names)
     check([await outcome(sandbox.kill(timeout=CALL_TIMEOUT))], ["kill"])
     assert sandbox.state in ("closed", "failed", "killed", "checkpointed"), sandbox.state
 
@@ -244,7 +265,55 @@ async def play(script: list[tuple[str, Any]], ending: tuple[str, Any], ops: froz
         assert not records, [r.getMessage() for r in records]
 
 
+@contextlib.contextmanager
+def on_a_thread(server: ScriptedServer) -> Iterator[str]:
+    """``server`` on its own asyncio loop and thread, for a client on trio."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    stop = asyncio.Event()
+    ready: concurrent.futures.Future[str] = concurrent.futures.Future()
+
+    async def serve_until_stopped() -> None:
+        async with server.running() as url:
+            ready.set_result(url)
+            await stop.wait()
+
+    served = asyncio.run_coroutine_threadsafe(serve_until_stopped(), loop)
+    try:
+        yield ready.result(timeout=10)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        served.result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+async def play_on_trio(
+    script: list[tuple[str, Any]], ending: tuple[str, Any], ops: frozenset[str], attach: bool
+) -> None:
+    with on_a_thread(ScriptedServer(script, ending)) as url, errors_logged("sandbox_trio") as records:
+        # The script's own length is bounded; the connection's tasks must end with the sandbox too.
+        with trio.fail_after(SETTLE_DEADLINE + 5 + 0.3 * len(script)):
+            async with trio.open_nursery() as nursery:
+                await drive(url, ops, attach, sandbox_trio, nursery=nursery)
+    assert not records, [r.getMessage() for r in records]
+
+
 op_sets = st.frozensets(st.sampled_from(["process.kill", "snapshot", "checkpoint"]))
+
+
+def with_setup(script: tuple[str, list[tuple[str, Any]], tuple[str, Any]], attach: bool) -> list[tuple[str, Any]]:
+    """The script's body after the setup it asks for."""
+    setup, body, _ = script
+    prefix: list[tuple[str, Any]] = []
+    if setup != "raw":
+        # Attach: no CREATING, no sandbox_id (7.2).
+        prefix = [("text", status("SANDBOX_RUNNING"))] if attach else [("text", frame) for frame in GOOD_SETUP]
+    if setup == "exec":
+        prefix += [("recv", None), ("text", status("SANDBOX_EXECUTION_RUNNING"))]
+    return prefix + body
 
 
 @settings(
@@ -256,14 +325,20 @@ op_sets = st.frozensets(st.sampled_from(["process.kill", "snapshot", "checkpoint
 def test_hostile_server_never_hangs_or_leaks_foreign_exceptions(
     script: tuple[str, list[tuple[str, Any]], tuple[str, Any]], ops: frozenset[str], attach: bool
 ) -> None:
-    setup, body, ending = script
-    prefix: list[tuple[str, Any]] = []
-    if setup != "raw":
-        # Attach: no CREATING, no sandbox_id (7.2).
-        prefix = [("text", status("SANDBOX_RUNNING"))] if attach else [("text", frame) for frame in GOOD_SETUP]
-    if setup == "exec":
-        prefix += [("recv", None), ("text", status("SANDBOX_EXECUTION_RUNNING"))]
-    asyncio.run(play(prefix + body, ending, ops, attach))
+    asyncio.run(play(with_setup(script, attach), script[2], ops, attach))
+
+
+@settings(
+    max_examples=examples(20),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(script=scripts, ops=op_sets, attach=st.booleans())
+def test_hostile_server_against_trio(
+    script: tuple[str, list[tuple[str, Any]], tuple[str, Any]], ops: frozenset[str], attach: bool
+) -> None:
+    """The same scripts against trio's transport: websockets' trio connection under our hand-off."""
+    trio.run(play_on_trio, with_setup(script, attach), script[2], ops, attach)
 
 
 # --------------------------------------------------------------------------
