@@ -161,8 +161,13 @@ class _HandoffConnection(Protocol):
 class WebsocketsTransportBase(ABC):
     """What the websockets transports of asyncio and trio share: options, errors, delivery."""
 
-    #: Extra errors that mean "cannot connect" on this runtime.
-    connect_errors: tuple[type[BaseException], ...] = ()
+    #: What means "cannot connect" (a runtime adds its own).
+    connect_errors: tuple[type[Exception], ...] = (
+        OSError,
+        websockets.InvalidHandshake,
+        websockets.InvalidURI,
+        ssl_module.SSLError,
+    )
 
     def __init__(self, library_logger: logging.Logger) -> None:
         self._logger = library_logger
@@ -198,8 +203,6 @@ class WebsocketsTransportBase(ABC):
             raise HandshakeRefused(safe, exc.response.status_code) from None
         except TimeoutError:
             raise SandboxConnectionError(f"{safe}: no WebSocket handshake within {timeout:g}s") from None
-        except (OSError, websockets.InvalidHandshake, websockets.InvalidURI, ssl_module.SSLError) as exc:
-            raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
         except self.connect_errors as exc:
             raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
         assert ws.response is not None

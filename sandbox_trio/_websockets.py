@@ -92,7 +92,7 @@ class _Connection(ClientConnection):
 
 class WebsocketsTransport(WebsocketsTransportBase):
     _ws: _Connection | None
-    connect_errors = (trio.BrokenResourceError,)
+    connect_errors = (*WebsocketsTransportBase.connect_errors, trio.BrokenResourceError)
 
     def __init__(self) -> None:
         super().__init__(library_logger)
