@@ -698,7 +698,7 @@ class SandboxManager:
         if not isinstance(isolation, BwrapIsolation):
             logger.warning(
                 "isolation: none -- sandboxes run as plain processes of this user: code is NOT isolated "
-                "from this machine (install bubblewrap for isolation)"
+                "from this machine (isolation needs bubblewrap and --isolation auto or bwrap)"
             )
         elif isolation.exposes(self.state_dir):
             logger.warning("the state directory is inside a directory that sandboxes can read: they can see each other")
