@@ -70,43 +70,35 @@ class Handoff:
         """
         if self.failed:
             return True  # nothing more is processed on a failed connection (RFC 6455, 7.1.7)
+        opcode = frame.opcode
+        message: str | bytes
         try:
-            return self._take(frame)
+            if opcode is Opcode.TEXT and frame.fin:  # nearly every message
+                message = str(frame.data, "utf-8")
+            elif opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                self._binary = opcode is Opcode.BINARY
+                if not frame.fin:
+                    self._fragments = [bytes(frame.data)]
+                    return True
+                message = bytes(frame.data)
+            elif opcode is Opcode.CONT:
+                # websockets' parser already refused a continuation with no message to continue.
+                self._fragments.append(bytes(frame.data))
+                if not frame.fin:
+                    return True
+                data, self._fragments = b"".join(self._fragments), []
+                message = data if self._binary else data.decode()
+            else:
+                return False
         except UnicodeDecodeError as exc:
             self._protocol.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
             self.failed = True
             return True
-
-    def _take(self, frame: Frame) -> bool:
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT and frame.fin:  # nearly every message: one call less than _deliver
-            text = str(frame.data, "utf-8")
-            if (receiver := self.receiver) is not None:
-                receiver.message_received(text)
-            else:
-                self._held.append(text)
-            return True
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            self._binary = opcode is Opcode.BINARY
-            if not frame.fin:
-                self._fragments = [bytes(frame.data)]
-                return True
-            self._deliver(bytes(frame.data))
-            return True
-        if opcode is not Opcode.CONT:
-            return False
-        # websockets' parser already refused a continuation with no message to continue.
-        self._fragments.append(bytes(frame.data))
-        if frame.fin:
-            data, self._fragments = b"".join(self._fragments), []
-            self._deliver(data if self._binary else data.decode())
-        return True
-
-    def _deliver(self, message: str | bytes) -> None:
-        if self.receiver is not None:
-            self.receiver.message_received(message)
+        if (receiver := self.receiver) is not None:
+            receiver.message_received(message)
         else:
             self._held.append(message)
+        return True
 
     def lost(self, exc: ConnectionClosed) -> None:
         """The connection is over, with websockets' account of why (reported once)."""
