@@ -43,6 +43,8 @@ class ExecRequest:
 @dataclass(frozen=True, slots=True)
 class StdinRequest:
     data: str
+    #: Extension ``stdin_seq``: this frame's number in the exec's stdin sequence (omitted when ``None``).
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,11 +71,16 @@ class SnapshotRequest:
 class ReconnectRequest:
     #: Only with the ``seq`` extension: the last output sequence number received.
     last_seq: int | None = None
+    #: Only with the ``stdin_seq`` extension: ask for a ``stdin_ack`` first (sent as ``"stdin_seq": true``).
+    stdin_seq: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class CloseStdinRequest:
     """Extension ``close_stdin`` (section 15)."""
+
+    #: Extension ``stdin_seq``: numbered in the same sequence as the exec's stdin frames.
+    seq: int | None = None
 
 
 ClientFrame = (
@@ -92,7 +99,6 @@ _ACTIONS: dict[type[Any], str] = {
     KillProcessRequest: "kill_process",
     KillSandboxRequest: "kill_sandbox",
     CheckpointRequest: "checkpoint",
-    CloseStdinRequest: "close_stdin",
 }
 
 # --------------------------------------------------------------------------
@@ -137,13 +143,20 @@ class OutputGapFrame:
 
 
 @dataclass(frozen=True, slots=True)
+class StdinAckFrame:
+    """Extension ``stdin_seq``: the exec's stdin frames up to ``seq`` are accepted; resend only later ones."""
+
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownFrame:
     """A frame with an ``event`` this library does not know; kept for logging."""
 
     event: str
 
 
-ServerFrame = StatusFrame | SandboxIdFrame | OutputFrame | ErrorFrame | OutputGapFrame | UnknownFrame
+ServerFrame = StatusFrame | SandboxIdFrame | OutputFrame | ErrorFrame | OutputGapFrame | StdinAckFrame | UnknownFrame
 
 
 # --------------------------------------------------------------------------
@@ -174,13 +187,22 @@ def encode_client_frame(frame: ClientFrame) -> str:
     if isinstance(frame, ExecRequest):
         return _dumps({"language": frame.language, "code": frame.code})
     if isinstance(frame, StdinRequest):
-        return _dumps({"event": "stdin", "data": frame.data})
+        if frame.seq is None:
+            return _dumps({"event": "stdin", "data": frame.data})
+        return _dumps({"event": "stdin", "data": frame.data, "seq": frame.seq})
     if isinstance(frame, SnapshotRequest):
         return _dumps({"action": "snapshot_filesystem", "name": frame.name})
     if isinstance(frame, ReconnectRequest):
-        if frame.last_seq is None:
-            return _dumps({"action": "reconnect"})
-        return _dumps({"action": "reconnect", "last_seq": frame.last_seq})
+        reconnect: dict[str, Any] = {"action": "reconnect"}
+        if frame.last_seq is not None:
+            reconnect["last_seq"] = frame.last_seq
+        if frame.stdin_seq:
+            reconnect["stdin_seq"] = True
+        return _dumps(reconnect)
+    if isinstance(frame, CloseStdinRequest):
+        if frame.seq is None:
+            return _dumps({"action": "close_stdin"})
+        return _dumps({"action": "close_stdin", "seq": frame.seq})
     return _dumps({"action": _ACTIONS[type(frame)]})
 
 
@@ -203,6 +225,8 @@ def encode_server_frame(frame: ServerFrame) -> str:
         return _dumps({"event": "error", "message": frame.message})
     if isinstance(frame, OutputGapFrame):
         return _dumps({"event": "output_gap", "from_seq": frame.from_seq, "to_seq": frame.to_seq})
+    if isinstance(frame, StdinAckFrame):
+        return _dumps({"event": "stdin_ack", "seq": frame.seq})
     raise TypeError(f"cannot encode {type(frame).__name__}")
 
 
@@ -294,6 +318,11 @@ def decode_server_object(value: Any) -> ServerFrame:
         if from_seq is None or to_seq is None:
             raise RemoteProtocolError("'output_gap' needs 'from_seq' and 'to_seq'")
         return OutputGapFrame(from_seq, to_seq)
+    if event == "stdin_ack":
+        seq = _optional_int(obj, "seq")
+        if seq is None:
+            raise RemoteProtocolError("'stdin_ack' needs 'seq'")
+        return StdinAckFrame(seq)
     if not isinstance(event, str):
         raise RemoteProtocolError("frame has no 'event' string")
     return UnknownFrame(event)

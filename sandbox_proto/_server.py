@@ -4,8 +4,12 @@ The reference server drives one :class:`ServerProtocol` per WebSocket. This
 object owns the wire rules that do not depend on what a sandbox is: the
 dispatch precedence of protocol.md 3.1, request validation with upstream's
 exact texts, the DONE-iff-idle rule after a refused exec (7.3.5), extension
-fields (15), the setup sequence, and what a malformed frame gets (11.2 S6).
-What a sandbox *does* (processes, files, checkpoints) belongs to the server.
+fields (15), the setup sequence, what a malformed frame gets (11.2 S6), the
+order of the attach checks (7.2, S3, S4), the reply to ``reconnect`` (7.12,
+S1) and the stdin sequence rules of the ``stdin_seq`` extension.
+What a sandbox *does* (processes, files, checkpoints) belongs to the server:
+it gathers facts (:class:`AttachFacts`, :class:`ExecutionView`), asks the
+decision methods, and acts on what they return.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ._frames import (
     SandboxIdFrame,
     ServerFrame,
     StatusFrame,
+    StdinAckFrame,
     Stream,
     encode_server_frame,
     load_object,
@@ -31,12 +36,17 @@ from ._frames import (
 from ._status import Status
 
 SUPPORTED_LANGUAGES = ("python", "bash")
-ALL_EXTENSIONS = ("exit_code", "seq", "close_stdin")
+ALL_EXTENSIONS = ("exit_code", "seq", "close_stdin", "stdin_seq")
+#: Extension ``stdin_seq``: acknowledge after this many numbered stdin frames...
+STDIN_ACK_FRAMES = 16
+#: ...or this many bytes of their data, so that what a client keeps for a resend stays bounded.
+STDIN_ACK_BYTES = 256 * 1024
 
 MSG_INVALID_FORMAT = (
     "Invalid message format. 'language' and 'code' fields are required. Supported languages are: python, bash"
 )
 MSG_INVALID_STDIN = "Invalid stdin message format. 'data' field is required."
+MSG_INVALID_STDIN_SEQ = "Invalid stdin message format. 'seq' must be a positive integer."
 MSG_NO_PROCESS = "No process is running in the sandbox."
 MSG_ALREADY_RUNNING = "An execution is already in progress."
 MSG_TOKEN_MISSING = "Sandbox token is missing."
@@ -87,6 +97,8 @@ class ExecRequested:
 @dataclass(frozen=True, slots=True)
 class StdinReceived:
     data: str
+    #: Extension ``stdin_seq``: the frame's number, ``None`` for an unnumbered frame.
+    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +125,14 @@ class SnapshotRequested:
 @dataclass(frozen=True, slots=True)
 class ReconnectRequested:
     last_seq: int | None
+    #: Extension ``stdin_seq``: the client asked for a ``stdin_ack`` first.
+    stdin_seq: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class CloseStdinRequested:
-    pass
+    #: Extension ``stdin_seq``: numbered in the same sequence as stdin frames.
+    seq: int | None = None
 
 
 Request = (
@@ -141,6 +156,84 @@ class ProcessPhase(enum.Enum):
     EXITED = "exited"
 
 
+# --------------------------------------------------------------------------
+# facts the server gathers, and the decisions taken on them
+
+
+class RestoreResult(enum.Enum):
+    """How restoring a sandbox that is not live on this instance ended (7.2)."""
+
+    RESTORED = "restored"  # live now (restored here, or by a concurrent attach)
+    NOT_FOUND = "not_found"  # no metadata under that id
+    PERMISSION_DENIED = "permission_denied"  # the persisted token hash does not match (S4)
+    FAILED = "failed"  # see AttachFacts.restore_error
+
+
+@dataclass(frozen=True, slots=True)
+class AttachFacts:
+    """What the server knows about an ``/attach`` request, for :meth:`ServerProtocol.answer_attach`."""
+
+    sandbox_id: str
+    #: The query carried a non-empty ``sandbox_token``.
+    token_present: bool
+    #: The sandbox is live on this instance (after the restore, when one ran).
+    found: bool = False
+    #: How the restore ended; ``None`` while none was attempted.
+    restore: RestoreResult | None = None
+    #: With :attr:`RestoreResult.FAILED`: the reason, shown after ``Failed to restore sandbox <ID>: ``.
+    restore_error: str = ""
+    #: The token matches the sandbox's.
+    token_ok: bool = False
+    #: Another connection is attached to the sandbox.
+    observed: bool = False
+    #: The sandbox's process, as stdin and exec requests will see it once attached.
+    phase: ProcessPhase = ProcessPhase.NONE
+
+
+class AttachStep(enum.Enum):
+    """What the server does after :meth:`ServerProtocol.answer_attach` queued its frames."""
+
+    REFUSED = "refused"  # the refusal (and its close) is queued: send it, nothing more
+    RESTORE = "restore"  # SANDBOX_RESTORING is queued: restore, then ask again with the outcome
+    ATTACHED = "attached"  # SANDBOX_RUNNING is queued: this connection now observes the sandbox
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionView:
+    """The sandbox's current (or most recent) exec, as a ``reconnect`` reply needs it."""
+
+    running: bool
+    #: A connection has sent this exec's ``SANDBOX_EXECUTION_DONE``.
+    done_delivered: bool
+    #: Output seq of the exec's first frame; ``last_seq`` is ``first_seq - 1`` while it has none.
+    first_seq: int
+    last_seq: int
+    #: Highest output seq of the sandbox handed to any connection.
+    delivered: int
+    #: Highest stdin seq accepted for this exec (extension ``stdin_seq``), 0 if none.
+    stdin_seq: int = 0
+    exit_code: int | None = None
+    #: The sandbox is deleted: its exec is over, whatever its output log still holds.
+    sandbox_deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeStream:
+    """The ``reconnect`` reply goes on: stream the exec's output frames with ``seq > cursor``, then its DONE."""
+
+    cursor: int
+    #: Announce frames evicted before they could be replayed with ``output_gap`` (the client sent ``last_seq``).
+    report_gaps: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectDone:
+    """The ``reconnect`` reply is complete: one ``SANDBOX_EXECUTION_DONE`` is queued."""
+
+    #: That DONE ended the current exec: record it as delivered, so it is not repeated with the exit code.
+    done_delivered: bool
+
+
 class ServerProtocol:
     """One WebSocket of the reference server."""
 
@@ -162,6 +255,9 @@ class ServerProtocol:
         self.sandbox_id = ""
         self.process = ProcessPhase.NONE
         self._out: list[str | Close] = []
+        # Numbered stdin accepted since the last stdin_ack on this connection.
+        self._unacked_frames = 0
+        self._unacked_bytes = 0
 
     # ------------------------------------------------------------------
     # outputs
@@ -268,14 +364,28 @@ class ServerProtocol:
             last_seq = obj.get("last_seq") if "seq" in self.extensions else None
             if type(last_seq) is not int or last_seq < 0:
                 last_seq = None
-            return ReconnectRequested(last_seq)
+            return ReconnectRequested(last_seq, "stdin_seq" in self.extensions and obj.get("stdin_seq") is True)
         if action == "close_stdin" and "close_stdin" in self.extensions:
-            return CloseStdinRequested()
+            valid, seq = self._stdin_seq(obj)
+            return CloseStdinRequested(seq) if valid else None
         return self._exec(obj)
+
+    def _stdin_seq(self, obj: dict[str, Any]) -> tuple[bool, int | None]:
+        """The frame's stdin ``seq``: (True, None) when unnumbered or not negotiated; (False, None) refused."""
+        if "stdin_seq" not in self.extensions or "seq" not in obj:
+            return True, None  # upstream ignores unknown keys
+        seq = obj["seq"]
+        if type(seq) is not int or seq < 1:
+            self.send_error(Status.SANDBOX_STDIN_ERROR, MSG_INVALID_STDIN_SEQ)
+            return False, None
+        return True, seq
 
     def _stdin(self, obj: dict[str, Any]) -> StdinReceived | None:
         if "data" not in obj:
             self.send_error(Status.SANDBOX_STDIN_ERROR, MSG_INVALID_STDIN)
+            return None
+        valid, seq = self._stdin_seq(obj)
+        if not valid:
             return None
         if self.process is ProcessPhase.NONE:
             self.send_error(Status.SANDBOX_EXECUTION_ERROR, MSG_NO_PROCESS)
@@ -286,7 +396,7 @@ class ServerProtocol:
         if not isinstance(data, str):
             self.send_error(Status.SANDBOX_ERROR, f"stdin 'data' must be a string, not {type(data).__name__}")
             return None
-        return StdinReceived(data)
+        return StdinReceived(data, seq)
 
     def _exec(self, obj: dict[str, Any]) -> ExecRequested | None:
         language = obj.get("language")
@@ -338,3 +448,108 @@ class ServerProtocol:
     def exec_finished(self, exit_code: int | None, *, killed: bool = False) -> None:
         self.process = ProcessPhase.NONE if killed else ProcessPhase.EXITED
         self.send_done(exit_code)
+
+    # ------------------------------------------------------------------
+    # stdin sequence (extension stdin_seq)
+
+    def is_new_stdin(self, request: StdinReceived | CloseStdinRequested, accepted: int) -> bool:
+        """Whether to queue a stdin or close_stdin frame for the exec's process.
+
+        ``accepted`` is the highest stdin seq the exec has accepted, over every
+        connection. A numbered frame at or below it is a resend of one already
+        queued (the client could not know it arrived): drop it, silently.
+        """
+        return request.seq is None or request.seq > accepted
+
+    def stdin_accepted(self, request: StdinReceived | CloseStdinRequested) -> None:
+        """The server queued this frame for the process: acknowledge now and then.
+
+        After 16 numbered frames or 256 KiB of their data since the last ack on
+        this connection, a ``stdin_ack`` bounds what the client keeps for a resend.
+        """
+        if request.seq is None:
+            return
+        self._unacked_frames += 1
+        if isinstance(request, StdinReceived):
+            self._unacked_bytes += len(request.data.encode("utf-8", "surrogatepass"))
+        if self._unacked_frames >= STDIN_ACK_FRAMES or self._unacked_bytes >= STDIN_ACK_BYTES:
+            self.send_stdin_ack(request.seq)
+
+    def send_stdin_ack(self, seq: int) -> None:
+        if "stdin_seq" in self.extensions:
+            self._unacked_frames = self._unacked_bytes = 0
+            self.send(StdinAckFrame(seq))
+
+    # ------------------------------------------------------------------
+    # attach and reconnect
+
+    def answer_attach(self, facts: AttachFacts) -> AttachStep:
+        """Answer an ``/attach``: upstream's order of checks (7.2), the channel moved only on success (S3).
+
+        Call it with what the server knows without storage; on
+        :attr:`AttachStep.RESTORE` restore the sandbox (the token hash is
+        checked first, S4) and call again with the outcome in ``restore``.
+        """
+        if not facts.token_present:
+            self.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_MISSING, close=4000)
+            return AttachStep.REFUSED
+        if not facts.found and facts.restore is None and self.checkpoint_enabled:
+            self.send_status(Status.SANDBOX_RESTORING)  # before the metadata lookup, as upstream
+            return AttachStep.RESTORE
+        if facts.restore is RestoreResult.PERMISSION_DENIED:
+            self.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_INVALID, close=4000)
+            return AttachStep.REFUSED
+        if facts.restore is RestoreResult.FAILED:
+            message = f"Failed to restore sandbox {facts.sandbox_id}: {facts.restore_error}"
+            self.send_error(Status.SANDBOX_RESTORE_ERROR, message, close=4000)
+            return AttachStep.REFUSED
+        if not facts.found:
+            self.send_status(Status.SANDBOX_NOT_FOUND)  # no error frame, 1011: what upstream clients expect
+            self.close(1011)
+            return AttachStep.REFUSED
+        if not facts.token_ok:
+            self.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_INVALID, close=4000)
+            return AttachStep.REFUSED
+        if facts.observed:
+            self.send_status(Status.SANDBOX_IN_USE)
+            self.close(1011)
+            return AttachStep.REFUSED
+        self.sandbox_id = facts.sandbox_id
+        self.process = facts.phase
+        self.send_running()
+        return AttachStep.ATTACHED
+
+    def answer_reconnect(
+        self, request: ReconnectRequested, execution: ExecutionView | None, *, streaming_cursor: int | None = None
+    ) -> ResumeStream | ReconnectDone:
+        """Reply to ``reconnect`` (7.12): resume the exec's stream (case a), else exactly one DONE (S1).
+
+        ``execution`` is the sandbox's current or last exec (``None``: none
+        since create/restore). ``streaming_cursor`` is the highest output seq
+        this connection has queued, when it is streaming that exec already.
+        With ``stdin_seq`` asked for, a ``stdin_ack`` comes first, so the client
+        knows what to resend before anything else of the reply.
+        """
+        if request.stdin_seq:
+            self.send_stdin_ack(0 if execution is None else execution.stdin_seq)
+        if execution is None or execution.sandbox_deleted:
+            self.send_done(None)
+            return ReconnectDone(done_delivered=False)
+        last_seq = request.last_seq
+        if streaming_cursor is not None:
+            resume = streaming_cursor if last_seq is None else min(last_seq, streaming_cursor)
+            return self._resume(execution, resume, report_gaps=last_seq is not None)
+        unsent = execution.delivered < execution.last_seq
+        missed = last_seq is not None and last_seq < execution.last_seq
+        if (not execution.done_delivered and (execution.running or unsent)) or missed:
+            resume = execution.delivered if last_seq is None else min(last_seq, execution.delivered)
+            return self._resume(execution, resume, report_gaps=last_seq is not None)
+        exit_code = None
+        if not execution.running and (not execution.done_delivered or last_seq is not None):
+            exit_code = execution.exit_code
+        self.send_done(exit_code)
+        return ReconnectDone(done_delivered=True)
+
+    def _resume(self, execution: ExecutionView, resume: int, *, report_gaps: bool) -> ResumeStream:
+        self.exec_started()  # the duplicate RUNNING upstream clients expect
+        return ResumeStream(max(resume, execution.first_seq - 1), report_gaps)

@@ -1,9 +1,10 @@
 """Routes and WebSocket connections: the thin layer between ``websockets`` and the sandboxes.
 
 Each WebSocket gets a :class:`sandbox_proto.ServerProtocol`, which owns the
-wire rules (dispatch, validation texts, DONE-iff-idle, extension fields);
-this module feeds it frames, acts on the requests it returns, and writes
-what it queues to the socket.
+wire rules (dispatch, validation texts, DONE-iff-idle, extension fields) and
+the decisions of attach, reconnect and stdin sequencing; this module feeds it
+frames and facts, acts on what it returns, and writes what it queues to the
+socket.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import secrets
 import shutil
 import ssl as ssl_module
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -30,8 +31,8 @@ from websockets.http11 import Response as HttpResponse
 
 from sandbox_proto import (
     ALL_EXTENSIONS,
-    MSG_TOKEN_INVALID,
-    MSG_TOKEN_MISSING,
+    AttachFacts,
+    AttachStep,
     CheckpointRequested,
     Close,
     CloseStdinRequested,
@@ -40,6 +41,8 @@ from sandbox_proto import (
     KillSandboxRequested,
     ReconnectRequested,
     RedactingFilter,
+    RestoreResult,
+    ResumeStream,
     ServerProtocol,
     SnapshotRequested,
     Status,
@@ -74,8 +77,6 @@ AFFINITY_COOKIE = "SANDBOX_AFFINITY"
 _BATCH = 256
 #: How long a deletion waits for a stream to send its DONE.
 _STREAM_END_TIMEOUT = 5.0
-#: Stdin a connection may have queued beyond what the rate limit lets through, in seconds of the rate.
-_STDIN_BACKLOG_SECONDS = 8
 
 
 _ws_logger = logging.getLogger("sandbox_server.websockets")
@@ -153,10 +154,6 @@ class _Connection:
         self._forwarder: asyncio.Task[None] | None = None
         #: Highest seq this connection has queued for sending.
         self._cursor = 0
-        self._stdin_queue: asyncio.Queue[tuple[Execution, str | None]] = asyncio.Queue()
-        self._stdin_task: asyncio.Task[None] | None = None
-        #: Stdin bytes queued and not yet written to the process.
-        self._stdin_backlog = 0
 
     # -- sending -------------------------------------------------------------
 
@@ -209,55 +206,50 @@ class _Connection:
         return True
 
     async def _attach(self, route: _Route) -> bool:
-        # Order of checks as upstream (7.2), with the status channel moved only on success (S3).
-        proto = self.proto
+        # The protocol decides (order of checks, frames); this gathers the facts and restores.
         sandbox_id = route.sandbox_id
-        if not route.token:
-            proto.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_MISSING, close=4000)
-            await self.flush()
-            return False
-        sandbox = self.manager.get(sandbox_id)
-        if sandbox is None and self.manager.checkpoint_enabled:
-            await self._notify(Status.SANDBOX_RESTORING)
+        sandbox = self.manager.get(sandbox_id) if route.token else None
+        facts = self._attach_facts(AttachFacts(sandbox_id, bool(route.token)), sandbox, route.token)
+        step = self.proto.answer_attach(facts)
+        if step is AttachStep.RESTORE:
+            await self.flush()  # SANDBOX_RESTORING before the lookup and any lock frames
+            result, error = RestoreResult.RESTORED, ""
             try:
                 sandbox = await self.manager.restore(sandbox_id, route.token, self._notify)
             except SandboxNotFoundError:
-                pass
+                result = RestoreResult.NOT_FOUND
             except PermissionDeniedError:
-                proto.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_INVALID, close=4000)
-                await self.flush()
-                return False
+                result = RestoreResult.PERMISSION_DENIED
             except RestoreError as exc:
-                proto.send_error(
-                    Status.SANDBOX_RESTORE_ERROR, f"Failed to restore sandbox {sandbox_id}: {exc}", close=4000
-                )
-                await self.flush()
-                return False
-        if sandbox is None:
-            proto.send_status(Status.SANDBOX_NOT_FOUND)
-            proto.close(1011)
-        elif not sandbox.check_token(route.token):
-            proto.send_error(Status.SANDBOX_PERMISSION_DENIAL_ERROR, MSG_TOKEN_INVALID, close=4000)
-        elif sandbox.observer is not None:
-            proto.send_status(Status.SANDBOX_IN_USE)
-            proto.close(1011)
-        else:
+                result, error = RestoreResult.FAILED, str(exc)
+            facts = replace(facts, restore=result, restore_error=error)
+            if result is RestoreResult.RESTORED:
+                facts = self._attach_facts(facts, sandbox, route.token)
+            step = self.proto.answer_attach(facts)
+        if step is AttachStep.ATTACHED:
+            assert sandbox is not None
             self.sandbox = sandbox
             sandbox.observer = self
             sandbox.touch()
-            proto.sandbox_id = sandbox.id
-            proto.process = sandbox.phase()
-            proto.send_running()
             logger.info("sandbox %s attached", sandbox.id)
         await self.flush()
-        return self.sandbox is not None
+        return step is AttachStep.ATTACHED
+
+    @staticmethod
+    def _attach_facts(facts: AttachFacts, sandbox: Sandbox | None, token: str) -> AttachFacts:
+        if sandbox is None:
+            return facts
+        return replace(
+            facts,
+            found=True,
+            token_ok=sandbox.check_token(token),
+            observed=sandbox.observer is not None,
+            phase=sandbox.phase(),
+        )
 
     async def _cleanup(self) -> None:
+        # Stdin this connection queued stays queued: it belongs to the exec (stdin_seq).
         await self._stop_forwarder()
-        if self._stdin_task is not None:
-            self._stdin_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stdin_task
         sandbox = self.sandbox
         if sandbox is not None and sandbox.observer is self:
             # Detached: the sandbox and its processes live on (1.1, 7.12).
@@ -290,16 +282,14 @@ class _Connection:
     async def _dispatch(self, sandbox: Sandbox, request: object) -> None:
         if isinstance(request, ExecRequested):
             await self._exec(sandbox, request)
-        elif isinstance(request, StdinReceived):
-            self._queue_stdin(sandbox, request.data)
-        elif isinstance(request, CloseStdinRequested):
-            self._queue_stdin(sandbox, None)
+        elif isinstance(request, StdinReceived | CloseStdinRequested):
+            self._queue_stdin(sandbox, request)
         elif isinstance(request, KillProcessRequested):
             self._kill_process(sandbox)
         elif isinstance(request, KillSandboxRequested):
             await self._kill_sandbox(sandbox)
         elif isinstance(request, ReconnectRequested):
-            await self._reconnect(sandbox, request.last_seq)
+            await self._reconnect(sandbox, request)
         elif isinstance(request, CheckpointRequested):
             await self._checkpoint(sandbox)
         elif isinstance(request, SnapshotRequested):
@@ -311,58 +301,26 @@ class _Connection:
         except ExecutionStartError as exc:
             self.proto.reject_exec(Status.SANDBOX_EXECUTION_ERROR, str(exc))
             return
-        await self._start_stream(execution, execution.first_seq - 1, report_gaps=False)
+        await self._stop_forwarder()
+        self.proto.exec_started()
+        await self.flush()
+        self._stream(execution, execution.first_seq - 1, report_gaps=False)
 
-    def _queue_stdin(self, sandbox: Sandbox, data: str | None) -> None:
-        # Writes go through one task per connection: in order, and a process
-        # that does not read its stdin cannot block the frame loop.
+    def _queue_stdin(self, sandbox: Sandbox, request: StdinReceived | CloseStdinRequested) -> None:
+        # The exec's own writer task writes it: in order across connections, and
+        # a process that does not read its stdin cannot block the frame loop.
         execution = sandbox.execution
         if execution is None or not execution.running:
             return
-        if data is not None:
+        if not self.proto.is_new_stdin(request, execution.stdin_seq):
+            return
+        if not execution.queue_stdin(request.data if isinstance(request, StdinReceived) else None, request.seq):
             rate = self.manager.isolation.limits.stdin_rate
-            size = len(data.encode("utf-8", "surrogatepass"))
-            # Throttled writes queue up here; past a few seconds' worth the client is flooding.
-            if rate and self._stdin_backlog and self._stdin_backlog + size > rate * _STDIN_BACKLOG_SECONDS:
-                self.proto.send_error(
-                    Status.SANDBOX_ERROR, f"Stdin rate limit exceeded ({rate} bytes/s): the data was dropped."
-                )
-                return
-            self._stdin_backlog += size
-        self._stdin_queue.put_nowait((execution, data))
-        if self._stdin_task is None:
-            self._stdin_task = asyncio.create_task(self._write_stdin_forever())
-
-    async def _write_stdin_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        rate = self.manager.isolation.limits.stdin_rate
-        # Token bucket, one second deep; a write may overdraw it and the next one waits.
-        tokens = float(rate)
-        refilled = loop.time()
-        current: Execution | None = None
-        while True:
-            execution, data = await self._stdin_queue.get()
-            if data is None:
-                execution.close_stdin()
-                continue
-            size = len(data.encode("utf-8", "surrogatepass"))
-            try:
-                if rate:
-                    if execution is not current:
-                        current, tokens, refilled = execution, float(rate), loop.time()
-                    now = loop.time()
-                    tokens = min(float(rate), tokens + (now - refilled) * rate)
-                    refilled = now
-                    if tokens < 0:
-                        await asyncio.sleep(-tokens / rate)
-                        tokens, refilled = 0.0, loop.time()
-                    tokens -= size
-                await execution.write_stdin(data)
-            except OSError as exc:
-                self.proto.send_error(Status.SANDBOX_ERROR, f"Failed to write to stdin: {exc.strerror or exc}")
-                await self.flush()
-            finally:
-                self._stdin_backlog -= size
+            self.proto.send_error(
+                Status.SANDBOX_ERROR, f"Stdin rate limit exceeded ({rate} bytes/s): the data was dropped."
+            )
+            return
+        self.proto.stdin_accepted(request)
 
     def _kill_process(self, sandbox: Sandbox) -> None:
         execution = sandbox.execution
@@ -418,36 +376,24 @@ class _Connection:
         else:
             self.proto.send_status(Status.SANDBOX_FILESYSTEM_SNAPSHOT_CREATED)
 
-    async def _reconnect(self, sandbox: Sandbox, last_seq: int | None) -> None:
-        """Resume the current exec's stream (7.12 case a), else exactly one DONE (S1)."""
-        execution = None if sandbox.deleted else sandbox.execution
-        if execution is None:
-            self.proto.send_done(None)
-            return
-        log = sandbox.log
-        if self._streaming:
-            resume = self._cursor if last_seq is None else min(last_seq, self._cursor)
-            await self._start_stream(execution, resume, report_gaps=last_seq is not None)
-            return
-        unsent = log.delivered < execution.last_seq
-        missed = last_seq is not None and last_seq < execution.last_seq
-        if (not execution.done_delivered and (execution.running or unsent)) or missed:
-            resume = log.delivered if last_seq is None else min(last_seq, log.delivered)
-            await self._start_stream(execution, resume, report_gaps=last_seq is not None)
-            return
-        exit_code = None
-        if not execution.running and (not execution.done_delivered or last_seq is not None):
-            exit_code = execution.exit_code
-        execution.done_delivered = True
-        self.proto.send_done(exit_code)
+    async def _reconnect(self, sandbox: Sandbox, request: ReconnectRequested) -> None:
+        """Act on the protocol's reply to ``reconnect`` (7.12, S1)."""
+        execution = sandbox.execution
+        cursor = self._cursor if self._streaming else None
+        answer = self.proto.answer_reconnect(request, sandbox.execution_view(), streaming_cursor=cursor)
+        if isinstance(answer, ResumeStream):
+            assert execution is not None
+            # Its RUNNING is queued already; the old stream must not send after it.
+            await self._stop_forwarder()
+            self._stream(execution, answer.cursor, report_gaps=answer.report_gaps)
+        elif answer.done_delivered and execution is not None:
+            execution.done_delivered = True
 
     # -- output stream ----------------------------------------------------------
 
-    async def _start_stream(self, execution: Execution, resume: int, *, report_gaps: bool) -> None:
-        await self._stop_forwarder()
-        self.proto.exec_started()
-        await self.flush()
-        self._cursor = max(resume, execution.first_seq - 1)
+    def _stream(self, execution: Execution, cursor: int, *, report_gaps: bool) -> None:
+        """Send the exec's frames after ``cursor``, then its DONE (RUNNING is sent already)."""
+        self._cursor = cursor
         self._forwarder = asyncio.create_task(self._forward(execution, report_gaps))
 
     async def _stop_forwarder(self) -> None:
@@ -488,6 +434,10 @@ class _Connection:
 
     async def sandbox_status(self, status: Status) -> None:
         self.proto.send_status(status)
+        await self.flush()
+
+    async def sandbox_error(self, status: Status, message: str) -> None:
+        self.proto.send_error(status, message)
         await self.flush()
 
     async def wait_stream_end(self) -> None:

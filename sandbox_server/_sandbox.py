@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from sandbox_proto import (
     MSG_CHECKPOINT_IN_PROGRESS,
     MSG_SNAPSHOT_DISABLED,
     CreateOptions,
+    ExecutionView,
     ProcessPhase,
     Status,
     Stream,
@@ -67,6 +69,8 @@ DEFAULT_OUTPUT_LIMIT = 16 * 2**20
 STOPPED_STATE = "SandboxState.STOPPED"
 #: How long a killed exec may keep its pipes open (escaped grandchildren) before we close them.
 KILL_PIPE_GRACE = 1.0
+#: Stdin an exec may have queued beyond what the rate limit lets through, in seconds of the rate.
+STDIN_BACKLOG_SECONDS = 8
 
 
 class ExecutionStartError(Exception):
@@ -109,6 +113,8 @@ class SandboxObserver(Protocol):
     """The connection attached to a sandbox, as the sandbox's lifecycle sees it."""
 
     async def sandbox_status(self, status: Status) -> None: ...
+
+    async def sandbox_error(self, status: Status, message: str) -> None: ...
 
     async def wait_stream_end(self) -> None: ...
 
@@ -254,6 +260,14 @@ class Execution:
         self._stdin_paused = False
         self._stdin_closed = False
         self._stdin_signal = _Signal()
+        # Stdin lives here, not on a connection: what one connection accepted
+        # is written even if it drops, before what the next one accepts.
+        #: Highest stdin seq accepted (queued) for this process (extension ``stdin_seq``).
+        self.stdin_seq = 0
+        self._stdin_items: deque[str | None] = deque()  # None: close stdin
+        #: Stdin bytes queued and not yet written to the process.
+        self._stdin_backlog = 0
+        self._stdin_writer: asyncio.Task[None] | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         limits = sandbox.manager.isolation.limits
         #: Bytes both streams may still carry before the exec is ended (0 = no cap).
@@ -263,6 +277,20 @@ class Execution:
     @property
     def running(self) -> bool:
         return not self.finished.is_set()
+
+    def view(self) -> ExecutionView:
+        """What a ``reconnect`` reply is decided on."""
+        sandbox = self.sandbox
+        return ExecutionView(
+            running=self.running,
+            done_delivered=self.done_delivered,
+            first_seq=self.first_seq,
+            last_seq=self.last_seq,
+            delivered=sandbox.log.delivered,
+            stdin_seq=self.stdin_seq,
+            exit_code=self.exit_code,
+            sandbox_deleted=sandbox.deleted,
+        )
 
     async def start(self, command: Command, cwd: Path) -> None:
         loop = asyncio.get_running_loop()
@@ -411,6 +439,74 @@ class Execution:
 
     # -- requests ----------------------------------------------------------
 
+    def queue_stdin(self, data: str | None, seq: int | None = None) -> bool:
+        """Accept stdin (``None``: close it) to be written in order; ``False`` when the rate limit refuses it.
+
+        Throttled writes queue up here; past a few seconds' worth of the rate
+        the client is flooding, and the data is refused instead.
+        """
+        if data is not None:
+            rate = self.sandbox.manager.isolation.limits.stdin_rate
+            size = _stdin_size(data)
+            if rate and self._stdin_backlog and self._stdin_backlog + size > rate * STDIN_BACKLOG_SECONDS:
+                return False
+            self._stdin_backlog += size
+        if seq is not None:
+            self.stdin_seq = max(self.stdin_seq, seq)
+        self._stdin_items.append(data)
+        if self._stdin_writer is None:
+            self._stdin_writer = asyncio.create_task(self._write_stdin_forever(), name=f"stdin-{self.pid}")
+        else:
+            self._stdin_signal.fire()
+        return True
+
+    async def _write_stdin_forever(self) -> None:
+        """Write queued stdin in order, at most at the stdin rate; ends with the process."""
+        loop = asyncio.get_running_loop()
+        rate = self.sandbox.manager.isolation.limits.stdin_rate
+        # Token bucket, one second deep; a write may overdraw it and the next one waits.
+        tokens = float(rate)
+        refilled = loop.time()
+        items = self._stdin_items
+        while True:
+            if not items:
+                if self.finished.is_set():
+                    return
+                await self._stdin_signal.wait()  # fired on queue_stdin and when the process ends
+                continue
+            data = items.popleft()
+            if data is None:
+                self.close_stdin()
+                continue
+            size = _stdin_size(data)
+            try:
+                if rate:
+                    now = loop.time()
+                    tokens = min(float(rate), tokens + (now - refilled) * rate)
+                    refilled = now
+                    if tokens < 0:
+                        # Cut short when the process ends: the write is then dropped anyway.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.finished.wait(), -tokens / rate)
+                        tokens, refilled = 0.0, loop.time()
+                    tokens -= size
+                await self.write_stdin(data)
+            except OSError as exc:
+                await _report(
+                    self.sandbox.observer, Status.SANDBOX_ERROR, f"Failed to write to stdin: {exc.strerror or exc}"
+                )
+            finally:
+                self._stdin_backlog -= size
+
+    async def wait_stdin_writer(self) -> None:
+        """Wait (bounded) for the stdin writer, which ends once the process has ended."""
+        writer = self._stdin_writer
+        if writer is not None and not writer.done():
+            _, pending = await asyncio.wait([writer], timeout=KILL_PIPE_GRACE)
+            if pending:
+                writer.cancel()  # stuck telling a connection about a write error
+                await asyncio.wait([writer])
+
     async def write_stdin(self, data: str) -> None:
         """Write verbatim; silently dropped once the process has exited (7.4)."""
         if self._exited or self.finished.is_set() or self.killed:
@@ -445,6 +541,10 @@ class Execution:
             os.killpg(self.pid, signal.SIGKILL)
         if self._exited:
             self._arm_kill_timer()
+
+
+def _stdin_size(data: str) -> int:
+    return len(data.encode("utf-8", "surrogatepass"))
 
 
 def hash_token(token: str) -> bytes:
@@ -506,6 +606,9 @@ class Sandbox:
     @property
     def checkpointable(self) -> bool:
         return self.options.enable_checkpoint and self.manager.checkpoint_enabled
+
+    def execution_view(self) -> ExecutionView | None:
+        return None if self.execution is None else self.execution.view()
 
     def phase(self) -> ProcessPhase:
         """What stdin and exec requests see (7.4), for a connection not streaming an exec."""
@@ -598,12 +701,13 @@ class Sandbox:
         self.process_groups.clear()
 
     async def wait_execution_end(self) -> None:
-        """Wait (bounded) for a killed exec's pipes to close."""
+        """Wait (bounded) for a killed exec's pipes to close, and its stdin writer to stop."""
         ex = self.execution
         if ex is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(KILL_PIPE_GRACE + 2):
                     await ex.finished.wait()
+            await ex.wait_stdin_writer()
 
 
 def _new_sandbox_id() -> str:
@@ -1101,11 +1205,12 @@ class SandboxManager:
         for sandbox in sandboxes:
             sandbox.deleted = True
             sandbox.kill_all()
-        waits = [ex.finished.wait() for s in sandboxes if (ex := s.execution) is not None]
-        if waits:
+        executions = [ex for s in sandboxes if (ex := s.execution) is not None]
+        if executions:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(KILL_PIPE_GRACE + 2):
-                    await asyncio.gather(*waits)
+                    await asyncio.gather(*(ex.finished.wait() for ex in executions))
+            await asyncio.gather(*(ex.wait_stdin_writer() for ex in executions))
         for sandbox in sandboxes:
             if sandbox.options.enable_idle_timeout_auto_checkpoint and sandbox.checkpointable:
                 # S10: a sandbox meant to survive idleness survives a restart too.
@@ -1123,6 +1228,12 @@ class SandboxManager:
 async def _tell(observer: SandboxObserver | None, status: Status) -> None:
     if observer is not None:
         await _quietly(functools.partial(observer.sandbox_status, status))
+
+
+async def _report(observer: SandboxObserver | None, status: Status, message: str) -> None:
+    """An error pair to the attached connection, if any: detached, nobody is told (as for statuses)."""
+    if observer is not None:
+        await _quietly(functools.partial(observer.sandbox_error, status, message))
 
 
 async def _quietly(step: Callable[[], Awaitable[None]]) -> None:

@@ -15,11 +15,14 @@ bytes the role writes for them.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from sandbox_proto import (
+    AttachFacts,
+    AttachStep,
     CheckpointDone,
     CheckpointRequested,
     ClientProtocol,
@@ -30,6 +33,7 @@ from sandbox_proto import (
     ExecRejected,
     ExecRequested,
     ExecStarted,
+    ExecutionView,
     InitRequest,
     KillProcessRequested,
     KillSandboxDone,
@@ -38,9 +42,13 @@ from sandbox_proto import (
     Output,
     OutputIncomplete,
     ProcessEnded,
+    ProcessPhase,
+    ReconnectDone,
     Reconnected,
     ReconnectRequested,
     ReconnectScheduled,
+    RestoreResult,
+    ResumeStream,
     SandboxCheckpointError,
     SandboxCreationError,
     SandboxDeletedError,
@@ -1136,6 +1144,59 @@ class TestServerDispatch:
         assert json.loads(out[1])["event"] == "error"
         assert len(out) == 2
         assert not proto.closed
+
+
+class TestServerDecisions:
+    """Vectors whose reply the role decides from facts the server gathers (attach, reconnect)."""
+
+    def test_cv25_cv26_cv27_attach_refusals(self) -> None:
+        facts = AttachFacts(ID, token_present=True, found=True, token_ok=True)
+        in_use = ServerProtocol(create=False, extensions=())  # before setup, as the attach handler has it
+        assert in_use.answer_attach(replace(facts, observed=True)) is AttachStep.REFUSED
+        assert in_use.data_to_send() == [ST("SANDBOX_IN_USE"), Close(1011)]
+
+        not_found = ServerProtocol(create=False, extensions=())
+        assert not_found.answer_attach(replace(facts, found=False)) is AttachStep.RESTORE
+        assert not_found.answer_attach(replace(facts, found=False, restore=RestoreResult.NOT_FOUND)) is (
+            AttachStep.REFUSED
+        )
+        assert not_found.data_to_send() == [ST("SANDBOX_RESTORING"), ST("SANDBOX_NOT_FOUND"), Close(1011)]
+
+        denied = ServerProtocol(create=False, extensions=())
+        assert denied.answer_attach(replace(facts, token_ok=False)) is AttachStep.REFUSED
+        assert denied.data_to_send() == [
+            ST("SANDBOX_PERMISSION_DENIAL_ERROR"),
+            ERR("Invalid sandbox token."),
+            Close(4000),
+        ]
+
+    def test_cv30_reconnect_during_exec(self) -> None:
+        second = ServerProtocol(create=False, extensions=())
+        assert second.answer_attach(AttachFacts(ID, True, True, token_ok=True, phase=ProcessPhase.RUNNING)) is (
+            AttachStep.ATTACHED
+        )
+        request = second.receive('{"action":"reconnect"}')
+        assert isinstance(request, ReconnectRequested)
+        # "1\n" (seq 1) reached connection 1 before the reset.
+        running = ExecutionView(running=True, done_delivered=False, first_seq=1, last_seq=1, delivered=1)
+        assert second.answer_reconnect(request, running) == ResumeStream(cursor=1, report_gaps=False)
+        second.send_output("stdout", "2\n", seq=2)
+        second.send_output("stdout", "3\n", seq=3)
+        second.exec_finished(0)
+        assert second.data_to_send() == [
+            ST("SANDBOX_RUNNING"),
+            ST("SANDBOX_EXECUTION_RUNNING"),
+            OUT("stdout", "2\n"),
+            OUT("stdout", "3\n"),
+            ST("SANDBOX_EXECUTION_DONE"),
+        ]
+
+    def test_cv30_ref_reconnect_with_no_exec(self) -> None:
+        proto = server()
+        request = proto.receive('{"action":"reconnect"}')
+        assert isinstance(request, ReconnectRequested)
+        assert proto.answer_reconnect(request, None) == ReconnectDone(done_delivered=False)
+        assert proto.data_to_send() == [ST("SANDBOX_EXECUTION_DONE")]
 
 
 class TestServerFraming:

@@ -13,7 +13,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 #: Keys the extended protocol adds (protocol.md 15), and the only frames allowed to carry them.
-EXTENSION_KEYS = {"extensions": "status_update", "exit_code": "status_update", "seq": "output"}
+EXTENSION_KEYS = {
+    "extensions": ("status_update",),
+    "exit_code": ("status_update",),
+    "seq": ("output", "stdin_ack"),
+}
 TIMEOUT = 10.0
 
 
@@ -99,10 +103,10 @@ class Wire:
         for key, where in EXTENSION_KEYS.items():
             if key in obj:
                 assert self.protocol == "extended", f"extension key {key!r} in upstream mode: {raw}"
-                assert kind == where, raw
+                assert kind in where, raw
         if self.protocol == "extended":
             if obj.get("status") == "SANDBOX_RUNNING":
-                assert obj.get("extensions") == ["close_stdin", "exit_code", "seq"], raw
+                assert obj.get("extensions") == ["close_stdin", "exit_code", "seq", "stdin_seq"], raw
             if kind == "output":
                 assert isinstance(obj.get("seq"), int), raw
         for key in EXTENSION_KEYS:
