@@ -9,6 +9,7 @@ token usually means network I/O that must not block the event loop.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
@@ -19,17 +20,26 @@ from sandbox_proto import SandboxConnectionError, SandboxException
 TokenProvider = Callable[[], str | Awaitable[str]]
 
 
-async def fetch_token(provider: TokenProvider) -> str:
-    try:
-        if inspect.iscoroutinefunction(provider):
-            token = await provider()
-        else:
-            result = await anyio.to_thread.run_sync(provider)
-            token = await result if inspect.isawaitable(result) else result
-    except SandboxException:
-        raise
-    except Exception as exc:
-        raise SandboxConnectionError(f"the token provider failed: {type(exc).__name__}: {exc}") from exc
+async def fetch_token(provider: TokenProvider, *, timeout: float | None = None) -> str:
+    """Call ``provider`` for a token, giving up after ``timeout`` seconds (``None``: no limit).
+
+    A sync provider's thread cannot be stopped: when the caller's deadline or
+    cancellation comes first, the thread is abandoned (it ends on its own, its
+    answer unused) rather than waited for.
+    """
+    with anyio.move_on_after(math.inf if timeout is None else timeout) as scope:
+        try:
+            if inspect.iscoroutinefunction(provider):
+                token = await provider()
+            else:
+                result = await anyio.to_thread.run_sync(provider, abandon_on_cancel=True)
+                token = await result if inspect.isawaitable(result) else result
+        except SandboxException:
+            raise
+        except Exception as exc:
+            raise SandboxConnectionError(f"the token provider failed: {type(exc).__name__}: {exc}") from exc
+    if scope.cancelled_caught:
+        raise SandboxConnectionError(f"the token provider did not answer within {timeout:g}s")
     if not isinstance(token, str) or not token:
         raise SandboxConnectionError("the token provider returned no token")
     return token

@@ -89,6 +89,10 @@ class AttachOptions(TypedDict, total=False):
     stream_buffer_size: int
     token_provider: TokenProvider | None
     use_google_auth: bool
+    #: Keepalive: a ping every ``ping_interval`` seconds, the connection declared dead when
+    #: no pong comes within ``ping_timeout`` (``None`` turns either off).
+    ping_interval: float | None
+    ping_timeout: float | None
 
 
 class CreateOptions(AttachOptions, total=False):
@@ -208,7 +212,8 @@ class BaseSandbox:
         headers = handshake.headers
         try:
             if self._token_provider is not None:
-                headers = {**headers, "Authorization": f"Bearer {await fetch_token(self._token_provider)}"}
+                token = await fetch_token(self._token_provider, timeout=open_timeout)
+                headers = {**headers, "Authorization": f"Bearer {token}"}
             cookies = await self._transport.connect(handshake.url, headers, ssl=self._ssl, timeout=open_timeout)
         except SandboxConnectionError as exc:
             status = exc.http_status if isinstance(exc, HandshakeRefused) else None

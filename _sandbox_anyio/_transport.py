@@ -35,7 +35,8 @@ Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
 
 #: Both directions, every transport: the server accepts frames up to 16 MiB (1.1).
 MAX_MESSAGE_SIZE = 16 * 2**20
-#: Keepalive like uvicorn and upstream's client: a ping every 20 s, 20 s to answer.
+#: Keepalive like uvicorn and upstream's client: a ping every 20 s, 20 s to answer
+#: (the defaults of the ``ping_interval``/``ping_timeout`` options; ``None`` turns either off).
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
 CLOSE_TIMEOUT = 5.0
@@ -71,7 +72,22 @@ class Receiver(Protocol):
 
 
 class Transport(Protocol):
-    """One WebSocket connection at a time; the driver makes a new connect for a reconnect."""
+    """One WebSocket connection at a time; the driver makes a new connect for a reconnect.
+
+    Keepalive is the transport's own: each takes ``ping_interval`` and ``ping_timeout`` in
+    its constructor, and a connection whose pong does not come within ``ping_timeout`` is
+    dropped at once and reported to :meth:`Receiver.connection_lost` (1011 or 1006), without
+    waiting for a closing handshake that a vanished peer would never answer.
+    """
+
+    cancel_safe_send: bool
+    """Whether cancelling :meth:`send` can never leave part of a frame on the wire.
+
+    True when the library puts the whole frame into its write buffer before its first
+    await, so a cancelled send has sent all of the frame or none of it. When False, a
+    send cancelled midway may have written half a frame and the connection is unusable:
+    shield the send, or drop the connection after cancelling one.
+    """
 
     async def connect(
         self, url: str, headers: dict[str, str], *, ssl: ssl_module.SSLContext | None, timeout: float

@@ -11,28 +11,39 @@ session keeps no cookies: like the other transports, the core's ``Cookie``
 header is sent and the handshake's ``Set-Cookie`` values are handed back to
 the core, so sandboxes never see each other's affinity cookies. It is closed
 when the last sandbox using it closes its connection.
+
+Keepalive is aiohttp's ``heartbeat``: a ping after ``ping_interval`` seconds
+without incoming data, the connection dropped (1006) when nothing comes back
+within ``ping_timeout`` (aiohttp itself would allow half the interval).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ssl as ssl_module
 import weakref
 from types import SimpleNamespace
 
 import aiohttp
+import anyio
+from aiohttp.client_proto import ResponseHandler
 
 from _sandbox_anyio import (
     CLOSE_TIMEOUT,
     MAX_MESSAGE_SIZE,
     PING_INTERVAL,
+    PING_TIMEOUT,
     HandshakeRefused,
     PullTransport,
     TransportClosed,
     default_ssl_context,
 )
 from sandbox_proto import SandboxConnectionError, redact
+
+#: The pong wait when ``ping_timeout=None``: aiohttp always sets one, so make it a day.
+_NO_PONG_LIMIT = 86400.0
 
 #: Set-Cookie values of the handshake in progress in this task (filled by the trace hook).
 _handshake_cookies: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
@@ -85,11 +96,28 @@ async def _release_shared(shared: _SharedSession) -> None:
 
 
 class AiohttpTransport(PullTransport):
-    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+    #: aiohttp writes the whole (uncompressed) frame to asyncio's transport before its only await (drain).
+    cancel_safe_send = True
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        ping_interval: float | None = PING_INTERVAL,
+        ping_timeout: float | None = PING_TIMEOUT,
+    ) -> None:
         super().__init__()
         self._session = session
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
         self._shared: _SharedSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        #: The connection's socket and aiohttp's protocol on it: closing it is only started by
+        #: aiohttp, and seen done through the protocol's ``closed`` future.
+        self._socket: asyncio.Transport | None = None
+        self._handler: ResponseHandler | None = None
+        #: Made when the connection's end begins, set when it is over (a second caller waits for it).
+        self._finished: anyio.Event | None = None
 
     async def connect(
         self, url: str, headers: dict[str, str], *, ssl: ssl_module.SSLContext | None, timeout: float
@@ -107,13 +135,18 @@ class AiohttpTransport(PullTransport):
         cookies: list[str] = []
         token = _handshake_cookies.set(cookies if own else None)
         try:
-            self._ws = await self._ws_connect(session, url, headers, context, timeout)
+            ws = await self._ws_connect(session, url, headers, context, timeout)
         except BaseException:
             # No connection: hold no session (the driver may give up without closing us).
             await self._release()
             raise
         finally:
             _handshake_cookies.reset(token)
+        self._ws = ws
+        self._finished = None
+        connection = ws._response.connection
+        self._handler = connection.protocol if connection is not None else None
+        self._socket = self._handler.transport if self._handler is not None else None
         return cookies
 
     async def _ws_connect(
@@ -126,24 +159,31 @@ class AiohttpTransport(PullTransport):
     ) -> aiohttp.ClientWebSocketResponse:
         safe = redact(url)
         try:
-            return await session.ws_connect(
-                url,
-                headers=headers,
-                ssl=context if context is not None else True,
-                # aiohttp pings only when asked. heartbeat=N pings every N s like the other
-                # transports, but allows only N/2 for the pong: a dead peer is noticed sooner.
-                heartbeat=PING_INTERVAL,
-                max_msg_size=MAX_MESSAGE_SIZE,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
-                autoclose=True,
-                autoping=True,
-            )
+            # ws_connect's own timeout= covers only receiving and closing; the handshake runs under
+            # the session's ClientTimeout (300 s by default, and the caller's own with their session).
+            async with asyncio.timeout(timeout):
+                ws = await session.ws_connect(
+                    url,
+                    headers=headers,
+                    ssl=context if context is not None else True,
+                    # aiohttp pings only when asked: after heartbeat=N seconds without incoming data.
+                    heartbeat=self._ping_interval,
+                    max_msg_size=MAX_MESSAGE_SIZE,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
+                    autoclose=True,
+                    autoping=True,
+                )
         except aiohttp.WSServerHandshakeError as exc:
             raise HandshakeRefused(safe, exc.status) from None
         except TimeoutError:
             raise SandboxConnectionError(f"{safe}: no WebSocket handshake within {timeout:g}s") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
+        if self._ping_interval is not None and hasattr(ws, "_pong_heartbeat"):
+            # aiohttp waits heartbeat/2 for the pong, with no option: set the wait ourselves (read
+            # when the ping is sent, and none is sent before the interval, so in time).
+            ws._pong_heartbeat = self._ping_timeout if self._ping_timeout is not None else _NO_PONG_LIMIT
+        return ws
 
     async def send(self, text: str) -> None:
         assert self._ws is not None
@@ -168,26 +208,70 @@ class AiohttpTransport(PullTransport):
             closed = TransportClosed(self._ws.close_code or 1006)
         if self._ws.closed:
             # The connection is over: a reconnect takes the session again, an end needs none.
-            # (While our close() is under way it still uses the session, and releases it itself.)
-            await self._release()
+            # After a loss (a missed pong, say) aiohttp only starts a graceful close: drop it.
+            await self._finish(abort=closed.code == 1006)
         raise closed
 
     async def close(self, code: int = 1000) -> None:
+        graceful = False
         try:
-            if self._ws is not None:
+            if self._ws is not None and not self._ws.closed:
                 await self._ws.close(code=code)
+            graceful = True
         finally:
-            await self._release()
+            await self._finish(abort=not graceful)
 
     async def abort(self) -> None:
-        try:
-            if self._ws is not None:
-                # Closing the HTTP response drops its connection without a WebSocket close.
-                self._ws._response.close()
-        finally:
-            await self._release()
+        await self._finish(abort=True)
+
+    async def _finish(self, *, abort: bool) -> None:
+        """Close the connection's socket and release the session; return once both are done.
+
+        aiohttp only starts closing a socket (the rest happens a loop turn or more later), and
+        a connection it saw lost is never handed back to its pool: done here, so nothing is
+        left for the garbage collector to warn about. Shielded (the driver may be cancelling
+        us), each step bounded by :data:`CLOSE_TIMEOUT`; a second call waits for the first.
+        """
+        with anyio.CancelScope(shield=True):
+            if self._finished is not None:
+                if abort and self._socket is not None:
+                    self._socket.abort()  # hurry the graceful close under way
+                await self._finished.wait()
+                return
+            self._finished = finished = anyio.Event()
+            try:
+                await self._close_socket(abort)
+                await self._release()
+            finally:
+                self._socket = self._handler = None
+                finished.set()
+
+    async def _close_socket(self, abort: bool) -> None:
+        ws, socket, handler = self._ws, self._socket, self._handler
+        if ws is None or handler is None:
+            return
+        closed = handler.closed  # made now, while the socket is open; None once it is closed
+        if abort and socket is not None:
+            socket.abort()
+        ws._response.close()  # hands the connection back to aiohttp, closing the socket if open
+        if closed is None:
+            return
+        with anyio.move_on_after(CLOSE_TIMEOUT):
+            await _outcome(closed)
+        if not closed.done() and socket is not None:
+            socket.abort()  # a graceful close stuck behind unsent data (the peer reads nothing)
+            with anyio.move_on_after(CLOSE_TIMEOUT):
+                await _outcome(closed)
 
     async def _release(self) -> None:
+        """Give the shared session back (the last user closes it), whatever cancels us meanwhile."""
         shared, self._shared = self._shared, None
         if shared is not None:
-            await _release_shared(shared)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                await _release_shared(shared)
+
+
+async def _outcome(future: asyncio.Future[None]) -> None:
+    """Wait for ``future`` without cancelling it, whatever it ends with."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(future)

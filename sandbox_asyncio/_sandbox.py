@@ -8,6 +8,8 @@ from types import TracebackType
 from typing import Any, Literal, Unpack
 
 from _sandbox_anyio import (
+    PING_INTERVAL,
+    PING_TIMEOUT,
     AttachOptions,
     BaseSandbox,
     CreateOptions,
@@ -22,17 +24,21 @@ from ._websockets import WebsocketsTransport
 TransportName = Literal["websockets", "aiohttp"]
 
 
-def _make_transport(transport: TransportName | Transport, session: Any) -> Transport:
+def _make_transport(transport: TransportName | Transport, session: Any, options: AttachOptions) -> Transport:
     if not isinstance(transport, str):
+        if "ping_interval" in options or "ping_timeout" in options:
+            raise ValueError("ping_interval= and ping_timeout= are for a named transport; configure your own directly")
         return transport
+    ping_interval = options.get("ping_interval", PING_INTERVAL)
+    ping_timeout = options.get("ping_timeout", PING_TIMEOUT)
     if transport == "websockets":
         if session is not None:
             raise ValueError("session= is for transport='aiohttp'")
-        return WebsocketsTransport()
+        return WebsocketsTransport(ping_interval=ping_interval, ping_timeout=ping_timeout)
     if transport == "aiohttp":
         from ._aiohttp import AiohttpTransport  # optional dependency: the 'aiohttp' extra
 
-        return AiohttpTransport(session)
+        return AiohttpTransport(session, ping_interval=ping_interval, ping_timeout=ping_timeout)
     raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'aiohttp'")
 
 
@@ -91,7 +97,7 @@ class Sandbox(BaseSandbox):
 
         ``transport="aiohttp"`` uses aiohttp, with your ``session=`` if you give one.
         """
-        sandbox = cls(url, create_protocol(url, options), _make_transport(transport, session), options)
+        sandbox = cls(url, create_protocol(url, options), _make_transport(transport, session, options), options)
         return _Opening(sandbox, open_timeout(options))
 
     @classmethod
@@ -107,4 +113,6 @@ class Sandbox(BaseSandbox):
     ) -> _Opening:
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
         protocol = attach_protocol(url, sandbox_id, sandbox_token, options)
-        return _Opening(cls(url, protocol, _make_transport(transport, session), options), open_timeout(options))
+        return _Opening(
+            cls(url, protocol, _make_transport(transport, session, options), options), open_timeout(options)
+        )

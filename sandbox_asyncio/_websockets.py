@@ -1,19 +1,22 @@
 """The default asyncio transport, on ``websockets``' asyncio API.
 
 Messages go from websockets' parser to the driver inside ``data_received``
-(see ``_sandbox_anyio._handoff``): no queue, no reader task.
+(see ``_sandbox_anyio._handoff``): no queue, no reader task. Keepalive is
+websockets' own, except that an unanswered ping drops the connection at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.frames import Frame
-from websockets.protocol import Event
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode, Frame
+from websockets.protocol import Event, State
 
-from _sandbox_anyio import Handoff, WebsocketsTransportBase
+from _sandbox_anyio import PING_INTERVAL, PING_TIMEOUT, Handoff, WebsocketsTransportBase
 from sandbox_proto import RedactingFilter
 
 #: Handed to websockets, whose debug log shows request lines and frames with the token.
@@ -39,14 +42,54 @@ class _Connection(ClientConnection):
         super().connection_lost(exc)
         self.handoff.lost(self.protocol.close_exc)
 
+    async def keepalive(self) -> None:
+        """websockets' keepalive, but a ping left unanswered drops the connection at once.
+
+        websockets would start a closing handshake and wait ``close_timeout`` for a peer
+        that is gone; and the ping's own write counts against ``ping_timeout``, since a
+        full send buffer (the peer reads nothing) would otherwise hold it forever.
+        """
+        assert self.ping_interval is not None
+        latency = 0.0
+        try:
+            while True:
+                # A pong later than the interval (but in time) delays the next ping, as in websockets.
+                await asyncio.sleep(max(self.ping_interval - latency, 0))
+                if self.ping_timeout is None:
+                    await self.ping()
+                    continue
+                try:
+                    async with asyncio.timeout(self.ping_timeout):
+                        pong_received = await self.ping()
+                        latency = await pong_received
+                except TimeoutError:
+                    if self.debug:
+                        self.logger.debug("- timed out waiting for keepalive pong")
+                    if self.protocol.state is State.OPEN:
+                        self.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                        self.send_data()  # the close frame, for a peer that is slow rather than gone
+                    self.transport.abort()  # connection_lost follows: 1011 reaches the driver
+                    return
+        except ConnectionClosed:
+            return
+        except Exception:
+            self.logger.error("keepalive ping failed", exc_info=True)
+
 
 class WebsocketsTransport(WebsocketsTransportBase):
     _ws: _Connection | None
+    #: send() writes the whole frame to asyncio's transport before its first await (drain).
+    cancel_safe_send = True
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, ping_interval: float | None = PING_INTERVAL, ping_timeout: float | None = PING_TIMEOUT
+    ) -> None:
         super().__init__(library_logger)
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
 
     async def _open(self, url: str, options: dict[str, Any]) -> _Connection:
+        options = {**options, "ping_interval": self._ping_interval, "ping_timeout": self._ping_timeout}
         ws = await connect(url, create_connection=_Connection, **options)
         assert isinstance(ws, _Connection)
         return ws

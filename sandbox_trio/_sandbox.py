@@ -7,6 +7,7 @@ sandbox that outlives a block takes the caller's: ``await Sandbox.create(url, nu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal, Unpack
 import trio
 
 from _sandbox_anyio import (
+    PING_INTERVAL,
+    PING_TIMEOUT,
     AttachOptions,
     BaseSandbox,
     CreateOptions,
@@ -29,16 +32,20 @@ from ._websockets import WebsocketsTransport
 if TYPE_CHECKING:
     from ._trio_websocket import TrioWebsocketTransport
 
+logger = logging.getLogger("sandbox")
+
 TransportName = Literal["websockets", "trio-websocket"]
 
 
-def _make_transport(transport: TransportName) -> WebsocketsTransport | TrioWebsocketTransport:
+def _make_transport(transport: TransportName, options: AttachOptions) -> WebsocketsTransport | TrioWebsocketTransport:
+    ping_interval = options.get("ping_interval", PING_INTERVAL)
+    ping_timeout = options.get("ping_timeout", PING_TIMEOUT)
     if transport == "websockets":
-        return WebsocketsTransport()
+        return WebsocketsTransport(ping_interval=ping_interval, ping_timeout=ping_timeout)
     if transport == "trio-websocket":
         from ._trio_websocket import TrioWebsocketTransport  # needed only by those who ask for it
 
-        return TrioWebsocketTransport()
+        return TrioWebsocketTransport(ping_interval=ping_interval, ping_timeout=ping_timeout)
     raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'trio-websocket'")
 
 
@@ -54,6 +61,7 @@ class _Opening:
         self._timeout = timeout
         self._nursery = nursery
         self._own_nursery: AbstractAsyncContextManager[trio.Nursery] | None = None
+        self._own_scope: trio.CancelScope | None = None
 
     def __await__(self) -> Generator[Any, None, Sandbox]:
         if self._nursery is None:
@@ -67,6 +75,7 @@ class _Opening:
             return await self._sandbox._open_in(self._nursery, self._timeout)
         self._own_nursery = trio.open_nursery()
         nursery = await self._own_nursery.__aenter__()
+        self._own_scope = nursery.cancel_scope
         try:
             return await self._sandbox._open_in(nursery, self._timeout)
         except BaseException:
@@ -79,15 +88,46 @@ class _Opening:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        if self._own_nursery is None:
+        own, self._own_nursery = self._own_nursery, None
+        if own is None:
             await self._sandbox.__aexit__(exc_type, exc, tb)
             return None
+        assert self._own_scope is not None
+        error = exc
         try:
-            await self._sandbox.__aexit__(exc_type, exc, tb)
-        except BaseException as error:
-            await self._own_nursery.__aexit__(type(error), error, error.__traceback__)
-            raise
-        return await self._own_nursery.__aexit__(exc_type, exc, tb)
+            await self._sandbox.__aexit__(exc_type, exc, tb)  # kills the sandbox
+        except BaseException as failure:
+            if exc is None or _is_cancellation(exc):
+                error = failure
+            elif not _is_cancellation(failure):
+                # The block's own error is the one the caller needs; this one is only logged.
+                logger.error("killing the sandbox failed as well", exc_info=failure)
+        # Nothing to hand on, or a cancellation, which may be the nursery's own (one of its tasks
+        # failed): trio's rules apply, the nursery absorbs it or reports the failure.
+        if error is exc and (exc is None or _is_cancellation(exc)):
+            return await own.__aexit__(exc_type, exc, tb)
+        assert error is not None
+        if _is_cancellation(error):  # the kill was cancelled
+            if not await own.__aexit__(type(error), error, error.__traceback__):
+                raise error
+            return None
+        # The caller gets the error itself, as on asyncio, not an exception group around it: the
+        # nursery is closed without it (cancelled: its tasks end with the killed sandbox anyway).
+        self._own_scope.cancel()
+        try:
+            await own.__aexit__(None, None, None)
+        except BaseException as background:
+            # Rare (the sandbox's tasks catch their errors): logged, so the caller's error stays as it was.
+            logger.error("the sandbox's background work failed as well", exc_info=background)
+        if error is exc:
+            return False  # the block's own exception goes on, traceback untouched
+        raise error
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[0] is not None
+    return isinstance(error, trio.Cancelled)
 
 
 class Sandbox(BaseSandbox):
@@ -114,7 +154,7 @@ class Sandbox(BaseSandbox):
         **options: Unpack[CreateOptions],
     ) -> _Opening:
         """Create a sandbox. ``idle_timeout=None`` asks for no idle expiry."""
-        sandbox = cls(url, create_protocol(url, options), _make_transport(transport), options)
+        sandbox = cls(url, create_protocol(url, options), _make_transport(transport, options), options)
         return _Opening(sandbox, open_timeout(options), nursery)
 
     @classmethod
@@ -130,5 +170,5 @@ class Sandbox(BaseSandbox):
     ) -> _Opening:
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
         protocol = attach_protocol(url, sandbox_id, sandbox_token, options)
-        sandbox = cls(url, protocol, _make_transport(transport), options)
+        sandbox = cls(url, protocol, _make_transport(transport, options), options)
         return _Opening(sandbox, open_timeout(options), nursery)

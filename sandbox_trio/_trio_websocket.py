@@ -1,7 +1,7 @@
 """The other trio transport, on ``trio-websocket`` (``transport="trio-websocket"``).
 
 trio-websocket sends no keepalive pings, so this transport runs its own
-(same interval and answer time as the other transports) in the sandbox's
+(``ping_interval``/``ping_timeout``, as the other transports) in the sandbox's
 nursery, where the library's connection tasks also run.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl as ssl_module
 from urllib.parse import urlsplit
 
@@ -39,8 +40,15 @@ logger = logging.getLogger("sandbox_trio")
 
 
 class TrioWebsocketTransport(PullTransport):
-    def __init__(self) -> None:
+    #: No: send_message() awaits trio's send_all, which a cancel can stop partway through a frame.
+    cancel_safe_send = False
+
+    def __init__(
+        self, *, ping_interval: float | None = PING_INTERVAL, ping_timeout: float | None = PING_TIMEOUT
+    ) -> None:
         super().__init__()
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
         #: Set by the sandbox before connecting: where the connection's tasks run.
         self.nursery: trio.Nursery | None = None
         self._ws: WebSocketConnection | None = None
@@ -108,7 +116,8 @@ class TrioWebsocketTransport(PullTransport):
                 )
                 self._keepalive_scope.cancel()
                 self._keepalive_scope = trio.CancelScope()
-                private.start_soon(self._keepalive, ws, self._keepalive_scope)
+                if self._ping_interval is not None:
+                    private.start_soon(self._keepalive, ws, stream, self._ping_interval, self._keepalive_scope)
                 started = True
                 task_status.started(ws)
         except Exception:
@@ -116,17 +125,25 @@ class TrioWebsocketTransport(PullTransport):
                 raise
             logger.debug("trio-websocket connection ended with an error", exc_info=True)
 
-    async def _keepalive(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _keepalive(
+        self, ws: WebSocketConnection, stream: trio.abc.Stream, interval: float, scope: trio.CancelScope
+    ) -> None:
         with scope:
             while ws.closed is None:
-                await trio.sleep(PING_INTERVAL)
-                try:
-                    with trio.fail_after(PING_TIMEOUT):
+                await trio.sleep(interval)
+                # ping() sends and then waits for the pong: the send counts against the answer time,
+                # since a full send buffer (the peer reads nothing) would otherwise hold it forever.
+                with trio.move_on_after(math.inf if self._ping_timeout is None else self._ping_timeout) as waiting:
+                    try:
                         await ws.ping()
-                except trio.TooSlowError:
-                    await ws.aclose(1011, "keepalive ping timeout")
-                    return
-                except ConnectionClosed:
+                    except ConnectionClosed:
+                        return
+                if waiting.cancelled_caught:
+                    # No closing handshake: trio-websocket's aclose() would wait for a reply without
+                    # limit (and TLS's close_notify could wait on a full buffer). Closing the socket
+                    # ends the connection; recv() then reports 1006.
+                    logger.debug("keepalive ping timeout: dropping the connection")
+                    await trio.aclose_forcefully(stream)
                     return
 
     async def send(self, text: str) -> None:

@@ -4,6 +4,8 @@ As on asyncio, messages go from websockets' parser to the driver inside the
 connection's own reading task (see ``_sandbox_anyio._handoff``). The
 connection's tasks (reading, keepalive) run in the sandbox's nursery;
 websockets catches and logs their errors, so none reaches the nursery.
+Keepalive is websockets' own, except that an unanswered ping drops the
+connection at once.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import logging
 from typing import Any
 
 import trio
-from websockets.frames import Frame
-from websockets.protocol import Event
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode, Frame
+from websockets.protocol import Event, State
 from websockets.trio.client import ClientConnection, connect
 
-from _sandbox_anyio import CLOSE_TIMEOUT, Handoff, WebsocketsTransportBase
+from _sandbox_anyio import CLOSE_TIMEOUT, PING_INTERVAL, PING_TIMEOUT, Handoff, WebsocketsTransportBase
 from sandbox_proto import RedactingFilter
 
 #: Handed to websockets, whose debug log shows request lines and frames with the token.
@@ -89,18 +92,59 @@ class _Connection(ClientConnection):
         await super().close_stream()
         self.handoff.lost(self.protocol.close_exc)
 
+    async def keepalive(self) -> None:
+        """websockets' keepalive, but a ping left unanswered drops the connection at once.
+
+        websockets would start a closing handshake and wait ``close_timeout`` for a peer
+        that is gone; and the ping's own write counts against ``ping_timeout``, since a
+        full send buffer (the peer reads nothing) would otherwise hold it forever.
+        """
+        assert self.ping_interval is not None
+        try:
+            while True:
+                # A pong later than the interval (but in time) delays the next ping, as in websockets.
+                with trio.move_on_after(max(self.ping_interval - self.latency, 0)):
+                    await self.stream_closed.wait()
+                    return
+                if self.ping_timeout is None:
+                    await self.ping()
+                    continue
+                with trio.move_on_after(self.ping_timeout) as waiting:
+                    pong_received = await self.ping(ack_on_close=True)
+                    await pong_received.wait()
+                if waiting.cancelled_caught:
+                    if self.debug:
+                        self.logger.debug("- timed out waiting for keepalive pong")
+                    if self.protocol.state is State.OPEN:
+                        self.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                        # Not sent: it could wait behind a full send buffer, and the peer is gone.
+                        self.protocol.data_to_send()
+                    await self.close_stream()  # 1011 reaches the driver
+                    return
+        except ConnectionClosed:
+            return
+        except Exception:
+            self.logger.error("keepalive ping failed", exc_info=True)
+
 
 class WebsocketsTransport(WebsocketsTransportBase):
     _ws: _Connection | None
     connect_errors = (*WebsocketsTransportBase.connect_errors, trio.BrokenResourceError)
+    #: No: send() awaits trio's send_all, which a cancel can stop partway through a frame.
+    cancel_safe_send = False
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, ping_interval: float | None = PING_INTERVAL, ping_timeout: float | None = PING_TIMEOUT
+    ) -> None:
         super().__init__(library_logger)
         #: Set by the sandbox before connecting: where the connection's tasks run.
         self.nursery: trio.Nursery | None = None
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
 
     async def _open(self, url: str, options: dict[str, Any]) -> _Connection:
         assert self.nursery is not None
+        options = {**options, "ping_interval": self._ping_interval, "ping_timeout": self._ping_timeout}
         ws = await _connect(url, create_connection=_Connection, **options).connect(self.nursery)
         assert isinstance(ws, _Connection)
         return ws

@@ -85,7 +85,9 @@ class CuttingProxy:
     """A loopback TCP proxy, on its own thread, that drops every connection on command.
 
     ``cut()`` aborts both sides of every open connection (the client sees an
-    abnormal close, the server a reset), like a network drop.
+    abnormal close, the server a reset), like a network drop. ``freeze()`` is
+    a black hole instead: nothing is forwarded any more, in either direction,
+    and nothing is closed (no FIN, no reset) until ``unfreeze()``.
     """
 
     def __init__(self, target_url: str, *, on_request: Callable[[str | None], None] | None = None) -> None:
@@ -101,6 +103,9 @@ class CuttingProxy:
         self.connections = 0
         self.url = ""
         self._gate = asyncio.Event()
+        #: Cleared while frozen: the pipes hold what they read, an end included.
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     def __enter__(self) -> CuttingProxy:
         self._thread.start()
@@ -113,6 +118,7 @@ class CuttingProxy:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+        self.unfreeze()  # so that every pipe sees its end and finishes
         self.cut()
         assert self._server is not None
         self._loop.call_soon_threadsafe(self._server.close)
@@ -135,10 +141,17 @@ class CuttingProxy:
                 self._on_request(_header(head, "authorization"))
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
+            try:
+                while True:
+                    data = await src.read(65536)
+                    # Frozen: what was read waits here, an end too, and nothing more is read.
+                    await self._flowing.wait()
+                    if not data:
+                        break
                     dst.write(data)
                     await dst.drain()
+            except OSError:
+                await self._flowing.wait()
             dst.transport.abort()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
@@ -168,6 +181,14 @@ class CuttingProxy:
     def release(self) -> None:
         """Let held and new connections through again."""
         self._loop.call_soon_threadsafe(self._gate.set)
+
+    def freeze(self) -> None:
+        """Stop forwarding on every connection, both ways, closing nothing: packets vanish."""
+        asyncio.run_coroutine_threadsafe(_call(self._flowing.clear), self._loop).result(timeout=10)
+
+    def unfreeze(self) -> None:
+        """Forward again what was held, and everything after it."""
+        asyncio.run_coroutine_threadsafe(_call(self._flowing.set), self._loop).result(timeout=10)
 
 
 async def _call(function: Callable[[], None]) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 
+import anyio
 import pytest
 from _support import Client, CuttingProxy, ServerThread, wait_until
 
-from sandbox_proto import SandboxConnectionError
+from _sandbox_anyio._auth import fetch_token
+from sandbox_proto import SandboxConnectionError, SandboxTimeoutError
 
 pytestmark = pytest.mark.anyio
 
@@ -58,3 +61,48 @@ async def test_async_provider_and_its_failure(client: Client, url: str) -> None:
 
     with pytest.raises(SandboxConnectionError, match="token provider failed"):
         await client.create(url, token_provider=broken)
+
+
+class StuckProvider:
+    """A sync provider whose thread blocks (as on a hung metadata server) until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        self.release.wait(30)
+        return "late-token"
+
+
+async def test_a_stuck_sync_provider_is_bounded_by_the_create_timeout(client: Client, url: str) -> None:
+    provider = StuckProvider()
+    try:
+        started = anyio.current_time()
+        with pytest.raises((SandboxTimeoutError, SandboxConnectionError)):
+            await client.create(url, timeout=0.5, token_provider=provider)
+        assert anyio.current_time() - started < 2
+        assert provider.calls == 1
+    finally:
+        provider.release.set()  # the abandoned thread ends now
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_fetch_token_gives_up_after_its_timeout(anyio_backend: str) -> None:
+    provider = StuckProvider()
+    try:
+        started = anyio.current_time()
+        with pytest.raises(SandboxConnectionError, match=r"did not answer within 0\.3s"):
+            await fetch_token(provider, timeout=0.3)
+        assert anyio.current_time() - started < 2
+    finally:
+        provider.release.set()
+
+    async def never() -> str:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with pytest.raises(SandboxConnectionError, match="did not answer"):
+        await fetch_token(never, timeout=0.1)
+    assert await fetch_token(lambda: "token", timeout=None) == "token"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import trio
 
-from sandbox_proto import SandboxStateError
+from sandbox_proto import SandboxStateError, SandboxTimeoutError
 from sandbox_trio import Sandbox
 
 pytestmark = pytest.mark.anyio
@@ -63,3 +65,38 @@ async def test_cancelled_exec_is_killed_once_it_starts(url: str) -> None:
                 except SandboxStateError:
                     await trio.sleep(0.05)
         assert await process.stdout.read_all() == "next\n"
+
+
+async def test_an_error_in_the_block_arrives_bare(url: str) -> None:
+    """As on asyncio: the block's own exception, not an exception group from the block's nursery."""
+    with pytest.raises(ValueError, match="from the block") as raised:
+        async with Sandbox.create(url) as sandbox:
+            process = await sandbox.exec("bash", "echo hi")
+            await process.wait()
+            raise ValueError("from the block")
+    assert raised.traceback[-1].name == "test_an_error_in_the_block_arrives_bare"
+
+
+async def test_a_timeout_in_the_block_arrives_bare(url: str) -> None:
+    with pytest.raises(SandboxTimeoutError):
+        async with Sandbox.create(url) as sandbox:
+            process = await sandbox.exec("bash", "sleep 5")
+            await process.wait(timeout=0.01)
+
+
+async def test_the_blocks_error_wins_over_a_failure_in_the_background(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(ValueError, match="from the block"):
+        async with Sandbox.create(url) as sandbox:
+            failed = trio.Event()
+
+            async def fail() -> None:
+                failed.set()
+                raise RuntimeError("a bug in the background")
+
+            sandbox._transport.nursery.start_soon(fail)  # where the sandbox's own tasks run
+            await failed.wait()  # no checkpoint after it: the nursery's cancel has not reached us
+            raise ValueError("from the block")
+    assert "a bug in the background" in caplog.text
