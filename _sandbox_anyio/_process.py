@@ -93,6 +93,10 @@ class SendLock:
         self._busy = False
         self._free: Flag | None = None
 
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
     async def __aenter__(self) -> None:
         await anyio.lowlevel.checkpoint_if_cancelled()
         while self._busy:
@@ -180,6 +184,8 @@ class SandboxStream:
         self._budget = budget
         self._space = space
         self._readable = Wakeup()
+        #: How long ``async for`` waits for each line, in seconds (``None``: no limit).
+        self.read_timeout: float | None = DEFAULT_WAIT_TIMEOUT
         #: Readers waiting for the next chunk or line. ``read_all`` waits for the end
         #: (or full buffers) instead, so a flood of output does not wake it per frame.
         self._eager_waiters = 0
@@ -251,7 +257,7 @@ class SandboxStream:
         return self._lines()
 
     async def _lines(self) -> AsyncIterator[str]:
-        while line := await self.readline(timeout=None):
+        while line := await self.readline(timeout=self.read_timeout):
             yield line
 
 
@@ -274,6 +280,8 @@ class SandboxProcess:
         self.returncode: int | None = None
         #: ``True`` once output may have been lost (reconnect to a server without ``seq``).
         self.output_may_be_incomplete = False
+        #: ``True`` once stdin may not all have reached the process (a drop, server without ``stdin_seq``).
+        self.stdin_may_be_incomplete = False
 
     def __repr__(self) -> str:
         state = "done" if self._done.is_set() else "running"
@@ -352,7 +360,13 @@ class SandboxProcess:
             await self._sandbox._flush()
 
     async def kill(self, *, timeout: float | None = DEFAULT_KILL_TIMEOUT) -> None:
-        """Kill the process (its whole process group on our server) and wait for its end."""
+        """Kill the process (its whole process group on our server) and wait for its end.
+
+        During a reconnect the kill is sent once the sandbox is reattached.
+        If the timeout runs out after the kill was sent, the process is taken
+        as ended (as upstream does); if it could not even be sent,
+        :class:`SandboxTimeoutError` is raised and the kill stays owed.
+        """
         if self._done.is_set():
             return
         if self._kill.is_set:
@@ -363,6 +377,9 @@ class SandboxProcess:
                 await self._sandbox._flush()
                 await self._kill.wait()
         except SandboxTimeoutError:
-            # As upstream: stop waiting and consider the process gone.
-            self._sandbox._protocol.kill_process_timed_out(self.exec_id)
+            ended = self._sandbox._protocol.kill_process_timed_out(self.exec_id)
             self._sandbox._dispatch()
+            if not ended:
+                raise SandboxTimeoutError(
+                    f"the kill could not be sent within {timeout:g}s; it is sent once the connection is back"
+                ) from None

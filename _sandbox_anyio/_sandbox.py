@@ -44,11 +44,21 @@ from sandbox_proto import (
     SetupComplete,
     SetupFailed,
     SnapshotDone,
+    StdinIncomplete,
 )
 
 from . import _files
 from ._auth import TokenProvider, fetch_token, google_id_token_provider
-from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, Flag, Outcome, SandboxProcess, SendLock, deadline
+from ._process import (
+    DEFAULT_KILL_TIMEOUT,
+    DEFAULT_WAIT_TIMEOUT,
+    Flag,
+    Outcome,
+    SandboxProcess,
+    SendLock,
+    Wakeup,
+    deadline,
+)
 from ._transport import CLOSE_TIMEOUT, HandshakeRefused, Spawn, Transport, TransportClosed
 
 logger = logging.getLogger("sandbox")
@@ -61,7 +71,15 @@ DEFAULT_SNAPSHOT_TIMEOUT = 120.0
 #: Output held for the user per process before the socket stops being read.
 DEFAULT_STREAM_BUFFER = 16 * 2**20
 
-_PROCESS_EVENTS = (Output, ExecStarted, ProcessEnded, ExecRejected, OutputIncomplete, KillProcessFailed)
+_PROCESS_EVENTS = (
+    Output,
+    ExecStarted,
+    ProcessEnded,
+    ExecRejected,
+    OutputIncomplete,
+    StdinIncomplete,
+    KillProcessFailed,
+)
 
 
 def debug_log(enabled: bool) -> logging.Logger:
@@ -174,6 +192,8 @@ class BaseSandbox:
         #: The last output filled the user's buffers: reading may have to pause.
         self._buffers_filled = False
         self._flush_scheduled = False
+        #: Woken whenever the background writer has sent all it could.
+        self._writer_idle = Wakeup()
         #: The reconnecting task, while one runs.
         self._reconnect_scope: anyio.CancelScope | None = None
         self._reconnect_done: Flag | None = None
@@ -221,6 +241,12 @@ class BaseSandbox:
             self._dispatch()
             return
         self._protocol.connection_opened(cookies)
+        self._dispatch()
+        if self._close_code is not None:
+            # The session ended while this handshake was in flight: never leave the socket attached.
+            with anyio.CancelScope(shield=True):
+                await self._close_transport()
+            return
         self._reading_paused = False
         assert self._spawn is not None
         self._transport.start(self, self._spawn)
@@ -236,9 +262,8 @@ class BaseSandbox:
         except Exception as exc:  # a bug of ours: never leave waiters hanging
             self._fail(exc)
             return
-        if (self._protocol.has_data_to_send or self._close_code is not None) and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._background(self._flush_soon)
+        if self._protocol.has_data_to_send or self._close_code is not None:
+            self._schedule_flush()
         if self._buffers_filled:
             self._buffers_filled = False
             process = self._process
@@ -248,6 +273,19 @@ class BaseSandbox:
                 self._transport.pause_reading()
 
     def connection_lost(self, code: int, reason: str) -> None:
+        if self._send_lock.busy:
+            # A send in progress reports first which of its frames did not leave (send_failed);
+            # only then may the core decide what the close means for them.
+            self._background(lambda: self._lost_after_send(code, reason))
+            return
+        self._lost(code, reason)
+
+    async def _lost_after_send(self, code: int, reason: str) -> None:
+        with anyio.CancelScope(shield=True):
+            async with self._send_lock:
+                self._lost(code, reason)
+
+    def _lost(self, code: int, reason: str) -> None:
         try:
             self._protocol.connection_closed(code, reason, now=self._clock())
             self._dispatch()
@@ -277,11 +315,20 @@ class BaseSandbox:
         self._spawn(function)
 
     async def _flush_soon(self) -> None:
+        """The background writer: sends what the core queued, shielded from every caller's deadline."""
         self._flush_scheduled = False
         try:
-            await self._flush()
+            with anyio.CancelScope(shield=True):
+                await self._send_queued()
         except Exception:
             logger.exception("sending failed")
+        finally:
+            self._writer_idle.set()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._background(self._flush_soon)
 
     async def _run_reconnect(self) -> None:
         done = self._reconnect_done
@@ -304,16 +351,37 @@ class BaseSandbox:
             await self._connect(DEFAULT_CONNECT_TIMEOUT)
 
     async def _flush(self) -> None:
-        """Send what the core queued, in order, from whichever task gets here."""
+        """Send what the core queued, in order; returns once it is handed to the transport.
+
+        Where cancelling a send could leave half a frame on the wire, a
+        background writer sends and the caller only waits for it, so a
+        caller's deadline never interrupts a frame.
+        """
+        if self._transport.cancel_safe_send:
+            await self._send_queued()
+            return
+        while self._protocol.has_data_to_send or self._flush_scheduled or self._close_code is not None:
+            self._schedule_flush()
+            await self._writer_idle.wait()
+
+    async def _send_queued(self) -> None:
         async with self._send_lock:
             while frames := self._protocol.data_to_send():
-                for text in frames:
+                for index, text in enumerate(frames):
                     try:
                         await self._transport.send(text)
                     except TransportClosed:
-                        # The reader sees the close and lets the core decide what follows.
+                        # This frame may or may not have left; the later ones did not.
+                        self._protocol.send_failed(frames[index + 1 :])
                         logger.debug("send on a closed connection dropped")
                         return
+                    except BaseException:
+                        # Cancelled after the frame was written whole (cancel_safe_send): the rest
+                        # go first again, from the background writer, and nobody's data is lost.
+                        self._protocol.send_failed(frames[index + 1 :])
+                        if self._protocol.has_data_to_send:
+                            self._schedule_flush()
+                        raise
         if self._close_code is not None:
             await self._close_transport()
 
@@ -350,6 +418,8 @@ class BaseSandbox:
                     process._finish(None, event.error)
                 elif isinstance(event, OutputIncomplete):
                     process.output_may_be_incomplete = True
+                elif isinstance(event, StdinIncomplete):
+                    process.stdin_may_be_incomplete = True
                 elif isinstance(event, KillProcessFailed):
                     process._kill_failed(event.error)
             elif isinstance(event, SetupComplete | SetupFailed):
@@ -372,6 +442,7 @@ class BaseSandbox:
             elif isinstance(event, SessionEnded):
                 self._end_error = event.error
                 self._ended.set()
+                self._kill_outcome.resolve(None)  # nothing left to kill from here
                 if self._setup is not None:
                     self._setup.resolve(event.error or SandboxStateError(f"the sandbox is {self.state}"))
 
@@ -413,7 +484,11 @@ class BaseSandbox:
         return f"<Sandbox {self.sandbox_id or '(new)'} {self.state}>"
 
     async def exec(self, language: str, code: str, *, timeout: float | None = DEFAULT_EXEC_TIMEOUT) -> SandboxProcess:
-        """Run ``code`` (``"python"`` or ``"bash"``); returns once the process has started."""
+        """Run ``code`` (``"python"`` or ``"bash"``); returns once the process has started.
+
+        A timeout or a cancellation leaves the sandbox usable: the exec is
+        withdrawn if it was not sent yet, else killed once it starts.
+        """
         try:
             exec_id = self._protocol.exec(language, code)
         except LocalProtocolError as exc:
@@ -424,32 +499,36 @@ class BaseSandbox:
             with deadline(timeout, "starting the exec"):
                 await self._flush()
                 await process._started.wait()
-        except SandboxTimeoutError:
-            self._protocol.operation_timed_out("starting the exec")
-            await self._settle()
-            raise
-        except anyio.get_cancelled_exc_class():
-            # Cancelled while starting: kill it once it starts, so the sandbox stays usable.
-            # The request may still be queued: send it, then the deferred kill follows RUNNING.
-            self._protocol.kill_process(exec_id)
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
-                await self._flush()
+        except BaseException:
+            if not process._started.is_set:
+                self._protocol.abandon_exec(exec_id)
+                self._dispatch()
+                if self._protocol.has_data_to_send:
+                    self._schedule_flush()
             raise
         return process
 
     async def kill(self, *, timeout: float | None = DEFAULT_KILL_TIMEOUT) -> None:
-        """Delete the sandbox on the server and close the connection."""
-        if not self._ended.is_set():
-            self._protocol.kill_sandbox()
-            self._dispatch()
-            try:
-                with deadline(timeout, "killing the sandbox"):
-                    await self._flush()
+        """Delete the sandbox on the server and close the connection.
+
+        While reconnecting, the kill is sent once the sandbox is reattached;
+        raises :class:`SandboxConnectionError` if it could not be delivered.
+        """
+        try:
+            if not self._ended.is_set():
+                self._protocol.kill_sandbox()
+                self._dispatch()
+                try:
+                    with deadline(timeout, "killing the sandbox"):
+                        await self._flush()
+                        await self._kill_outcome.wait()
+                except SandboxTimeoutError:
+                    self._protocol.kill_sandbox_timed_out()
+                    self._dispatch()
                     await self._kill_outcome.wait()
-            except SandboxTimeoutError:
-                self._protocol.kill_sandbox_timed_out()
-        with anyio.CancelScope(shield=True):
-            await self._settle()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._settle()
 
     async def checkpoint(self, *, timeout: float | None = DEFAULT_CHECKPOINT_TIMEOUT) -> None:
         """Save the whole sandbox on the server; the connection ends. Attach again to continue."""
@@ -463,7 +542,8 @@ class BaseSandbox:
                 await self._flush()
                 await self._checkpoint_outcome.wait()
         except SandboxTimeoutError:
-            self._protocol.operation_timed_out("checkpoint")
+            self._protocol.checkpoint_timed_out()
+            self._dispatch()
             raise
         finally:
             if self._protocol.is_ended:
@@ -514,7 +594,7 @@ class BaseSandbox:
         with anyio.CancelScope(shield=True):
             await self._settle()
 
-    async def wait_closed(self, *, timeout: float | None = None) -> SandboxException | None:
+    async def wait_closed(self, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> SandboxException | None:
         """Wait until the session ends; returns why (``None`` for a deliberate end)."""
         with deadline(timeout, "waiting for the session to end"):
             await self._ended.wait()
@@ -528,4 +608,11 @@ class BaseSandbox:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.kill()
+        if exc is None:
+            await self.kill()
+            return
+        try:
+            await self.kill()
+        except SandboxException as kill_error:
+            # The body's exception is the one the caller must see; this one is only logged.
+            logger.warning("killing sandbox %s on the way out failed: %s", self.sandbox_id, kill_error)

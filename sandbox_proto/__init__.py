@@ -6,30 +6,15 @@ in what arrived and send what the core hands back.
 
 from ._buffer import OutputBudget, OutputBuffer
 from ._client import (
+    CALL_TABLE,
     EXT_CLOSE_STDIN,
     EXT_EXIT_CODE,
     EXT_SEQ,
-    CheckpointDone,
+    EXT_STDIN_SEQ,
+    Call,
     ClientProtocol,
-    CloseConnection,
-    Event,
-    ExecRejected,
-    ExecStarted,
-    Handshake,
-    KillProcessFailed,
-    KillSandboxDone,
-    Output,
-    OutputIncomplete,
-    ProcessEnded,
-    ProcessState,
-    Reconnected,
-    ReconnectPolicy,
-    ReconnectScheduled,
     SandboxState,
-    SessionEnded,
-    SetupComplete,
-    SetupFailed,
-    SnapshotDone,
+    Verdict,
 )
 from ._errors import (
     LocalProtocolError,
@@ -45,6 +30,26 @@ from ._errors import (
     SandboxStateError,
     SandboxTimeoutError,
 )
+from ._events import (
+    CheckpointDone,
+    CloseConnection,
+    Event,
+    ExecRejected,
+    ExecStarted,
+    KillProcessFailed,
+    KillSandboxDone,
+    Output,
+    OutputIncomplete,
+    ProcessEnded,
+    Reconnected,
+    ReconnectScheduled,
+    SessionEnded,
+    SetupComplete,
+    SetupFailed,
+    SnapshotDone,
+    StdinIncomplete,
+)
+from ._exec import ProcessState
 from ._frames import (
     CheckpointRequest,
     ClientFrame,
@@ -69,6 +74,7 @@ from ._frames import (
     encode_client_frame,
     encode_server_frame,
 )
+from ._reconnect import Handshake, ReconnectPolicy
 from ._server import (
     ALL_EXTENSIONS,
     MSG_CHECKPOINT_IN_PROGRESS,
@@ -104,10 +110,12 @@ from ._url import RedactingFilter, attach_url, cookie_header, create_url, merge_
 
 __all__ = [
     "ALL_EXTENSIONS",
+    "CALL_TABLE",
     "ERROR_FRAME_STATUSES",
     "EXT_CLOSE_STDIN",
     "EXT_EXIT_CODE",
     "EXT_SEQ",
+    "EXT_STDIN_SEQ",
     "FATAL_STATUSES",
     "MSG_CHECKPOINT_IN_PROGRESS",
     "MSG_INVALID_STDIN_SEQ",
@@ -119,6 +127,7 @@ __all__ = [
     "STDIN_ACK_FRAMES",
     "AttachFacts",
     "AttachStep",
+    "Call",
     "CheckpointDone",
     "CheckpointRequest",
     "CheckpointRequested",
@@ -188,10 +197,12 @@ __all__ = [
     "Status",
     "StatusFrame",
     "StdinAckFrame",
+    "StdinIncomplete",
     "StdinReceived",
     "StdinRequest",
     "Stream",
     "UnknownFrame",
+    "Verdict",
     "attach_url",
     "cookie_header",
     "create_url",

@@ -2,10 +2,16 @@
 
 Rules of this file (after h11's ``_state.py``):
 
-* All client-side protocol state lives here; adapters keep none.
+* All client-side protocol state lives here and in the objects it owns: the
+  per-socket :class:`~._connection.Connection` (made anew for every socket,
+  so a drop resets it by construction) and the per-exec
+  :class:`~._exec.Exec` sub-machine. Adapters keep none.
+* What a user call does in each sandbox state is written once, in
+  :data:`CALL_TABLE`. Ended states absorb: after :class:`SessionEnded`
+  nothing changes state again, whatever arrives late.
 * Inputs are method calls: what arrived (``receive``, ``connection_opened``,
-  ``connection_closed``, ``connection_failed``), what the user asked
-  (``exec``, ``write_stdin``, ...), and what time it is when time matters.
+  ``connection_closed``, ``connection_failed``, ``send_failed``), what the
+  user asked (``exec``, ``write_stdin``, ...), and timers that ran out.
 * Outputs are pulled: :meth:`ClientProtocol.data_to_send` gives the text
   frames to write, :meth:`ClientProtocol.events` what the adapter must wake.
 * Local misuse raises :class:`LocalProtocolError`; bad server input never
@@ -18,8 +24,8 @@ import enum
 import logging
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
+from ._connection import Connection, PendingError
 from ._errors import (
     LocalProtocolError,
     RemoteProtocolError,
@@ -32,6 +38,26 @@ from ._errors import (
     SandboxFilesystemSnapshotError,
     SandboxStateError,
 )
+from ._events import (
+    CheckpointDone,
+    CloseConnection,
+    Event,
+    ExecRejected,
+    ExecStarted,
+    KillProcessFailed,
+    KillSandboxDone,
+    Output,
+    OutputIncomplete,
+    ProcessEnded,
+    Reconnected,
+    ReconnectScheduled,
+    SessionEnded,
+    SetupComplete,
+    SetupFailed,
+    SnapshotDone,
+    StdinIncomplete,
+)
+from ._exec import Exec, ProcessState, StdinItem, Wire
 from ._frames import (
     CheckpointRequest,
     ClientFrame,
@@ -47,6 +73,7 @@ from ._frames import (
     SandboxIdFrame,
     SnapshotRequest,
     StatusFrame,
+    StdinAckFrame,
     StdinRequest,
     Stream,
     UnknownFrame,
@@ -54,6 +81,7 @@ from ._frames import (
     encode_client_frame,
     load_json,
 )
+from ._reconnect import NON_RETRYABLE_HTTP_STATUSES, SHARED_RNG, Handshake, ReconnectPolicy
 from ._status import ERROR_FRAME_STATUSES, FATAL_STATUSES, Status
 from ._url import attach_url, cookie_header, create_url, merge_set_cookies, redact, websocket_base
 
@@ -62,13 +90,7 @@ logger = logging.getLogger("sandbox_proto.client")
 EXT_EXIT_CODE = "exit_code"
 EXT_SEQ = "seq"
 EXT_CLOSE_STDIN = "close_stdin"
-
-# Jitter needs no per-session generator; a Random costs 2.5 KB, a lot for idle sandboxes.
-_SHARED_RNG = random.Random()
-
-# Handshake refusals that a retry cannot fix (protocol.md 2.4).
-NON_RETRYABLE_HTTP_STATUSES = frozenset({400, 401, 403, 404})
-
+EXT_STDIN_SEQ = "stdin_seq"
 
 _EXTENSION_SETS: dict[tuple[str, ...], frozenset[str]] = {}
 
@@ -91,6 +113,7 @@ class SandboxState(enum.Enum):
     RESTORING = "restoring"
     RUNNING = "running"
     CHECKPOINTING = "checkpointing"
+    #: From a drop until the sandbox is running again on a new socket (handshake and reattach included).
     RECONNECTING = "reconnecting"
     CHECKPOINTED = "checkpointed"
     KILLED = "killed"
@@ -100,6 +123,8 @@ class SandboxState(enum.Enum):
 
 _ENDED = frozenset({SandboxState.CHECKPOINTED, SandboxState.KILLED, SandboxState.CLOSED, SandboxState.FAILED})
 _SETUP = frozenset({SandboxState.CONNECTING, SandboxState.CREATING, SandboxState.ATTACHING, SandboxState.RESTORING})
+#: A socket on which the sandbox is running: requests can be handed to it.
+_CONNECTED = frozenset({SandboxState.RUNNING, SandboxState.CHECKPOINTING})
 #: Statuses about the active process: those of its lifecycle, and a stdin failure.
 _PROCESS_STATUSES = frozenset(
     status
@@ -109,192 +134,72 @@ _PROCESS_STATUSES = frozenset(
 )
 
 
-class ProcessState(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    KILLING = "killing"
-    DONE = "done"
-
-
 # --------------------------------------------------------------------------
-# events for the adapter
+# the table of user calls
 
 
-@dataclass(frozen=True, slots=True)
-class SetupComplete:
-    """Create or attach succeeded: the sandbox is ``RUNNING`` on this connection."""
-
-    sandbox_id: str
-    restored: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SetupFailed:
-    error: SandboxException
+class Call(enum.Enum):
+    EXEC = "exec"
+    STDIN = "write to stdin"
+    CLOSE_STDIN = "close stdin"
+    KILL_PROCESS = "kill the process"
+    KILL_SANDBOX = "kill the sandbox"
+    CHECKPOINT = "checkpoint"
+    SNAPSHOT = "snapshot the filesystem"
+    CLOSE = "close"
 
 
-@dataclass(frozen=True, slots=True)
-class ExecStarted:
-    exec_id: int
+class Verdict(enum.Enum):
+    SEND = "send"  # connected: hand the request to the socket now
+    HOLD = "hold"  # remembered, and sent in order once the sandbox is running again
+    REFUSE = "refuse"  # LocalProtocolError, saying which state allows it
+    IGNORE = "ignore"  # nothing to do (nothing left to kill or close)
+    END = "end"  # end the session locally
 
 
-@dataclass(frozen=True, slots=True)
-class ExecRejected:
-    exec_id: int
-    error: SandboxException
+def _row(default: Verdict, **overrides: Verdict) -> dict[Call, Verdict]:
+    return {call: overrides.get(call.name, default) for call in Call}
 
 
-@dataclass(slots=True)  # not frozen: one per output frame, and frozen ones cost 3x to make. Read-only.
-class Output:
-    exec_id: int
-    stream: Stream
-    data: str
+_SETUP_ROW = _row(Verdict.REFUSE, KILL_PROCESS=Verdict.IGNORE, KILL_SANDBOX=Verdict.END, CLOSE=Verdict.END)
+_ENDED_ROW = _row(Verdict.REFUSE, KILL_PROCESS=Verdict.IGNORE, KILL_SANDBOX=Verdict.IGNORE, CLOSE=Verdict.IGNORE)
 
+#: What every user call does in every state: the one place this is decided.
+CALL_TABLE: dict[SandboxState, dict[Call, Verdict]] = {
+    SandboxState.CONNECTING: _SETUP_ROW,
+    SandboxState.CREATING: _SETUP_ROW,
+    SandboxState.ATTACHING: _SETUP_ROW,
+    SandboxState.RESTORING: _SETUP_ROW,
+    SandboxState.RUNNING: _row(Verdict.SEND, CLOSE=Verdict.END),
+    # Stdin and kills go on: a running process makes the server refuse the checkpoint anyway.
+    SandboxState.CHECKPOINTING: _row(
+        Verdict.SEND, EXEC=Verdict.REFUSE, CHECKPOINT=Verdict.REFUSE, SNAPSHOT=Verdict.REFUSE, CLOSE=Verdict.END
+    ),
+    SandboxState.RECONNECTING: _row(Verdict.HOLD, CLOSE=Verdict.END),
+    SandboxState.CHECKPOINTED: _ENDED_ROW,
+    SandboxState.KILLED: _ENDED_ROW,
+    SandboxState.CLOSED: _ENDED_ROW,
+    SandboxState.FAILED: _ENDED_ROW,
+}
 
-@dataclass(frozen=True, slots=True)
-class OutputIncomplete:
-    """Output of this exec may have been lost across a reconnect (no ``seq``) or a gap."""
-
-    exec_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessEnded:
-    exec_id: int
-    #: From the ``exit_code`` extension, else ``None``.
-    returncode: int | None
-    #: Set when the process did not end on its own terms (connection lost, sandbox gone).
-    error: SandboxException | None
-
-
-@dataclass(frozen=True, slots=True)
-class KillProcessFailed:
-    exec_id: int
-    error: SandboxException
-
-
-@dataclass(frozen=True, slots=True)
-class KillSandboxDone:
-    error: SandboxException | None
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointDone:
-    error: SandboxException | None
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotDone:
-    error: SandboxException | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReconnectScheduled:
-    """Open a new connection (see :meth:`ClientProtocol.handshake`) after ``delay`` seconds."""
-
-    delay: float
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
-class Reconnected:
-    restored: bool
-
-
-@dataclass(frozen=True, slots=True)
-class CloseConnection:
-    """The adapter must close the socket with this code."""
-
-    code: int = 1000
-    #: Drop the connection without a closing handshake: the peer stopped answering.
-    abort: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class SessionEnded:
-    """Nothing more will happen on this sandbox object; ``error`` is why, if not deliberate."""
-
-    error: SandboxException | None
-
-
-Event = (
-    SetupComplete
-    | SetupFailed
-    | ExecStarted
-    | ExecRejected
-    | Output
-    | OutputIncomplete
-    | ProcessEnded
-    | KillProcessFailed
-    | KillSandboxDone
-    | CheckpointDone
-    | SnapshotDone
-    | ReconnectScheduled
-    | Reconnected
-    | CloseConnection
-    | SessionEnded
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ReconnectPolicy:
-    """Capped exponential backoff with full jitter and a total deadline (7.12)."""
-
-    initial_delay: float = 0.1
-    max_delay: float = 8.0
-    multiplier: float = 2.0
-    #: Give up when this many seconds have passed since the connection was lost.
-    deadline: float = 60.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Delay before ``attempt`` (1-based); the first retry is immediate-ish."""
-        if attempt <= 1:
-            return 0.0
-        ceiling = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 2))
-        return rng.uniform(ceiling / 2, ceiling)
-
-
-@dataclass(frozen=True, slots=True)
-class Handshake:
-    """Where and how the adapter must open the next WebSocket."""
-
-    # Carries the token in its query (2.3): never in a repr; log ``safe_url``.
-    url: str = field(repr=False)
-    headers: dict[str, str] = field(repr=False)
-    #: The URL with the token hidden, for logs and error messages.
-    safe_url: str = ""
-
-
-@dataclass(slots=True)
-class _Process:
-    exec_id: int
-    state: ProcessState = ProcessState.STARTING
-    kill_requested: bool = False
-    kill_sent: bool = False
-    force_killed_seen: bool = False
-    stdin_buffer: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _PendingError:
-    """An error status waiting for its ``error`` frame (6.1)."""
-
-    status: Status
-    kind: str
+# What a frame handed to a socket stood for, so one that never left can be taken back.
+_Meta = tuple[str, Exec | None, StdinItem | None]
+_NO_META: _Meta = ("", None, None)
 
 
 class ClientProtocol:
     """One sandbox session seen from the client: create or attach, then reconnects."""
 
-    # Slots: one per sandbox, so its ~30 fields cost ~1.2 KiB less than a __dict__.
+    # Slots: one per sandbox, so its fields cost ~1.2 KiB less than a __dict__.
     __slots__ = (
         "_base",
-        "_checkpoint_pending",
+        "_checkpoint",
+        "_conn",
         "_cookies",
         "_events",
-        "_ever_running",
+        "_handed_meta",
         "_init",
-        "_kill_sandbox_pending",
+        "_kill_sandbox",
         "_label",
         "_last_seq",
         "_leaving_reason",
@@ -302,19 +207,16 @@ class ClientProtocol:
         "_lost_at",
         "_next_exec_id",
         "_outgoing",
-        "_pending_errors",
+        "_outgoing_meta",
         "_process",
-        "_process_at_drop",
+        "_queued_exec",
         "_reconnect_attempt",
         "_reconnectable",
-        "_restored",
         "_rng",
         "_session_ended",
-        "_snapshot_pending",
-        "_stray_done",
-        "_stray_force_killed",
+        "_snapshot",
+        "_snapshot_name",
         "_user_headers",
-        "_was_reconnecting",
         "auto_reconnect",
         "extensions",
         "reconnect_policy",
@@ -350,32 +252,30 @@ class ClientProtocol:
         self._user_headers = dict(headers or {})
         self._log = log or logger
         self._label = label
-        self._rng = rng or _SHARED_RNG
+        self._rng = rng or SHARED_RNG
 
         self.state = SandboxState.CONNECTING
-        #: Extensions the server advertised on the current connection.
+        #: Extensions the server granted on the last socket that reached ``SANDBOX_RUNNING``.
         self.extensions: frozenset[str] = frozenset()
+        self._conn: Connection | None = None
         self._cookies: dict[str, str] = {}
         self._outgoing: list[str] = []
+        self._outgoing_meta: list[_Meta] = []
+        self._handed_meta: list[_Meta] = []
         self._events: list[Event] = []
-        self._pending_errors: list[_PendingError] = []
-        self._process: _Process | None = None
+        self._process: Exec | None = None
+        #: An exec asked for while an abandoned one is still being killed: it starts after.
+        self._queued_exec: Exec | None = None
         self._next_exec_id = 1
-        # Frames that may trail a process we already finished (7.3.5, 7.5).
-        self._stray_done = False
-        self._stray_force_killed = False
         self._reconnectable = False
-        self._ever_running = False
-        self._restored = False
-        self._kill_sandbox_pending = False
-        self._checkpoint_pending = False
-        self._snapshot_pending = False
+        self._kill_sandbox = Wire.NONE
+        self._checkpoint = Wire.NONE
+        self._snapshot = Wire.NONE
+        self._snapshot_name = ""
         self._leaving_reason: str | None = None
         self._last_seq = 0
         self._reconnect_attempt = 0
         self._lost_at: float | None = None
-        self._was_reconnecting = False
-        self._process_at_drop = False
         self._session_ended = False
 
     # ------------------------------------------------------------------
@@ -406,19 +306,42 @@ class ClientProtocol:
         return bool(self._outgoing)
 
     def data_to_send(self) -> list[str]:
+        """The frames to write, in order. Report any that did not leave with :meth:`send_failed`."""
         out, self._outgoing = self._outgoing, []
+        self._handed_meta, self._outgoing_meta = self._outgoing_meta, []
         return out
+
+    def send_failed(self, unsent: list[str]) -> None:
+        """The last ``unsent`` frames of the latest :meth:`data_to_send` did not leave.
+
+        Call it before the next :meth:`data_to_send` (and before reporting the
+        close that made the send fail). They go first again on this socket if
+        it lives on; if it closes, :meth:`connection_closed` decides for each
+        what follows: kept for the next socket, or its caller gets an error.
+        Nobody is told a frame was sent when it was not.
+        """
+        if not unsent or self.state in _ENDED:
+            return
+        meta = self._handed_meta[len(self._handed_meta) - len(unsent) :]
+        meta[:0] = [_NO_META] * (len(unsent) - len(meta))  # misuse must not misalign the rest
+        self._outgoing[:0] = unsent
+        self._outgoing_meta[:0] = meta
+        self._handed_meta = []
 
     def events(self) -> list[Event]:
         out, self._events = self._events, []
         return out
 
-    def _send(self, frame: ClientFrame) -> None:
+    def _send(self, frame: ClientFrame, meta: _Meta = _NO_META) -> None:
         if isinstance(frame, StdinRequest):
             self._debug("send stdin (%d chars)", len(frame.data))
         else:
             self._debug("send %r", frame)
         self._outgoing.append(encode_client_frame(frame))
+        self._outgoing_meta.append(meta)
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
 
     # ------------------------------------------------------------------
     # connection lifecycle
@@ -439,15 +362,21 @@ class ClientProtocol:
 
     def connection_opened(self, set_cookies: Iterable[str] = ()) -> None:
         """The WebSocket handshake succeeded; ``set_cookies`` are its Set-Cookie values."""
+        if self.state in _ENDED:
+            # A handshake that completed after the session ended: close that socket at once.
+            self._debug("closing a socket opened after the session ended")
+            self._emit(CloseConnection(1000))
+            return
+        if self._conn is not None:
+            raise LocalProtocolError("connection_opened while a socket is already open")
         merge_set_cookies(self._cookies, set_cookies)
-        self.extensions = frozenset()
         if self.state is SandboxState.RECONNECTING:
             self._debug("reconnected socket open")
-            self._was_reconnecting = True
-            self.state = SandboxState.ATTACHING
+            self._conn = Connection(reattach=True)
             return
         if self.state is not SandboxState.CONNECTING:
             raise LocalProtocolError(f"connection_opened in state {self.state.value}")
+        self._conn = Connection(reattach=False)
         if self._init is not None:
             self.state = SandboxState.CREATING
             self._send(self._init)
@@ -456,13 +385,13 @@ class ClientProtocol:
 
     def connection_failed(self, error: SandboxException, *, now: float, http_status: int | None = None) -> None:
         """The handshake failed (refused, timed out, unreachable)."""
-        if self._was_reconnecting or self.state is SandboxState.RECONNECTING:
-            self.state = SandboxState.RECONNECTING
+        if self.state in _ENDED:
+            return
+        if self.state is SandboxState.RECONNECTING:
             if http_status in NON_RETRYABLE_HTTP_STATUSES:
-                self.state = SandboxState.FAILED  # not "reconnecting" forever: the session is over
-                self._end(error)
-                return
-            self._schedule_reconnect(now, error)
+                self._fail(error)  # not "reconnecting" forever: the session is over
+            else:
+                self._schedule_reconnect(now, error)
             return
         self.state = SandboxState.FAILED
         self._emit(SetupFailed(error))
@@ -471,48 +400,60 @@ class ClientProtocol:
     def connection_closed(self, code: int, reason: str = "", *, now: float = 0.0) -> None:
         """The socket is closed (1006 for an abnormal loss)."""
         self._debug("connection closed: %s %s", code, reason)
-        self._flush_pending_errors()
+        conn, self._conn = self._conn, None
         if self.state in _ENDED:
-            self._end(None if self.state is not SandboxState.FAILED else self._session_error(code))
             return
-        if self._kill_sandbox_pending:
-            # A close is a valid end of kill_sandbox (the sandbox may already be gone, 7.6).
-            self._kill_sandbox_pending = False
-            self.state = SandboxState.KILLED
-            self._emit(KillSandboxDone(None))
-            self._end(None)
+        if conn is None:
+            return  # no socket was open: a duplicate report
+        self._take_back(self._outgoing_meta)
+        self._outgoing, self._outgoing_meta = [], []
+        for pending in conn.pending_errors:
+            self._resolve_error(conn, pending, None)
+        conn.pending_errors.clear()
+        if self.state in _ENDED:
             return
         error = self._session_error(code)
-        if self.state in _SETUP and not self._was_reconnecting:
+        if self._kill_sandbox is Wire.HANDED:
+            if code == 1000 or not self._can_reconnect():
+                # A close is a valid end of kill_sandbox (the sandbox may already be gone, 7.6).
+                self._kill_sandbox = Wire.NONE
+                self.state = SandboxState.KILLED
+                self._emit(KillSandboxDone(None))
+                self._end(None)
+                return
+            self._kill_sandbox = Wire.HELD  # it may not have arrived: send it again once reattached
+        if self.state in _SETUP:
             self.state = SandboxState.FAILED
             self._emit(SetupFailed(error))
             self._end(error)
             return
-        if self._checkpoint_pending:
-            self._checkpoint_pending = False
+        if self._checkpoint is Wire.HANDED:
+            self._checkpoint = Wire.NONE
             self.state = SandboxState.FAILED
             self._emit(CheckpointDone(SandboxCheckpointError(f"connection closed (code {code}) during checkpoint")))
             self._end(error)
             return
-        if self.auto_reconnect and self._reconnectable and self._leaving_reason is None:
-            if self._snapshot_pending:
-                self._snapshot_pending = False
-                self._emit(SnapshotDone(SandboxFilesystemSnapshotError("connection lost during the snapshot")))
-            proc = self._process
-            if proc and proc.state is ProcessState.STARTING and not self._was_reconnecting:
-                # Unknown whether the exec request reached the server: do not guess.
-                self._finish_process(
-                    ExecRejected(proc.exec_id, SandboxConnectionError("connection lost before the exec started"))
-                )
-            if not self._was_reconnecting:
-                self._process_at_drop = self._process is not None and self._process.state is not ProcessState.DONE
-            self.state = SandboxState.RECONNECTING
-            if self._lost_at is None:
-                self._lost_at = now
-            self._schedule_reconnect(now, error)
+        if not self._can_reconnect():
+            self._fail(error)
             return
-        self.state = SandboxState.FAILED
-        self._end(error)
+        if self._snapshot is Wire.HANDED:
+            self._snapshot = Wire.NONE
+            self._emit(
+                SnapshotDone(
+                    SandboxFilesystemSnapshotError("connection lost during the snapshot; it may or may not exist")
+                )
+            )
+        proc = self._process
+        if proc is not None and proc.active and proc.unnumbered_handed:
+            # Sent without a number into a socket that died: the server may never have read it.
+            self._emit(StdinIncomplete(proc.exec_id))
+        if self.state is not SandboxState.RECONNECTING:
+            self.state = SandboxState.RECONNECTING
+            self._lost_at = now
+        self._schedule_reconnect(now, error)
+
+    def _can_reconnect(self) -> bool:
+        return self.auto_reconnect and self._reconnectable and self._leaving_reason is None
 
     def _session_error(self, code: int) -> SandboxException:
         if self._leaving_reason:
@@ -525,13 +466,35 @@ class ClientProtocol:
         self._reconnect_attempt += 1
         delay = self.reconnect_policy.delay(self._reconnect_attempt, self._rng)
         if now + delay - lost_at > self.reconnect_policy.deadline:
-            self.state = SandboxState.FAILED
-            self._end(
+            self._fail(
                 SandboxConnectionError(f"gave up reconnecting after {self._reconnect_attempt - 1} attempts: {error}")
             )
             return
         self._debug("reconnect attempt %d in %.2fs", self._reconnect_attempt, delay)
         self._emit(ReconnectScheduled(delay, self._reconnect_attempt))
+
+    def _take_back(self, metas: list[_Meta]) -> None:
+        """Frames that never left a socket that is now gone: their requests are held again."""
+        for kind, proc, item in reversed(metas):
+            if kind == "stdin":
+                assert proc is not None and item is not None
+                proc.give_back(item)
+            elif kind == "exec":
+                assert proc is not None
+                if proc.request is Wire.HANDED:
+                    proc.request = Wire.HELD
+            elif kind == "kill":
+                assert proc is not None
+                if proc.kill is Wire.HANDED:
+                    proc.kill = Wire.HELD
+            elif kind == "kill_sandbox" and self._kill_sandbox is Wire.HANDED:
+                self._kill_sandbox = Wire.HELD
+            elif kind == "snapshot" and self._snapshot is Wire.HANDED:
+                self._snapshot = Wire.HELD
+            elif kind == "checkpoint" and self._checkpoint is Wire.HANDED:
+                self._checkpoint = Wire.HELD
+                if self.state is SandboxState.CHECKPOINTING:
+                    self.state = SandboxState.RUNNING
 
     # ------------------------------------------------------------------
     # inbound frames
@@ -563,18 +526,25 @@ class ClientProtocol:
         except RemoteProtocolError as exc:
             self._log.warning("ignoring malformed frame from the server: %s", exc)
             return
-        if self.state in _ENDED:
-            self._debug("ignoring %r after the session ended", frame)
+        conn = self._conn
+        if self.state in _ENDED or conn is None:
+            self._debug("ignoring %r: no session on this socket", frame)
             return
         if isinstance(frame, OutputFrame):
-            self._on_output(frame)
+            self._output(frame.stream, frame.data, frame.seq)
         elif isinstance(frame, StatusFrame):
             self._debug("status %s", frame.status)
-            self._on_status(frame)
+            self._on_status(conn, frame)
         elif isinstance(frame, ErrorFrame):
-            self._on_error_frame(frame.message)
+            pending = conn.take_pending_error()
+            if pending is None:
+                self._log.info("server error with no status to attach it to: %s", frame.message)
+            else:
+                self._resolve_error(conn, pending, frame.message)
         elif isinstance(frame, SandboxIdFrame):
             self._on_sandbox_id(frame)
+        elif isinstance(frame, StdinAckFrame):
+            self._on_stdin_ack(conn, frame.seq)
         elif isinstance(frame, OutputGapFrame):
             if self._process is not None:
                 self._emit(OutputIncomplete(self._process.exec_id))
@@ -588,9 +558,6 @@ class ClientProtocol:
         self.sandbox_id = frame.sandbox_id
         self.sandbox_token = frame.sandbox_token
 
-    def _on_output(self, frame: OutputFrame) -> None:
-        self._output(frame.stream, frame.data, frame.seq)
-
     def _output(self, stream: Stream, data: str, seq: int | None) -> None:
         if seq is not None and EXT_SEQ in self.extensions:
             if seq <= self._last_seq:
@@ -602,7 +569,18 @@ class ClientProtocol:
             return
         self._events.append(Output(proc.exec_id, stream, data))
 
-    def _on_status(self, frame: StatusFrame) -> None:
+    def _on_stdin_ack(self, conn: Connection, seq: int) -> None:
+        proc = self._process
+        if proc is None or not proc.active or EXT_STDIN_SEQ not in self.extensions:
+            return
+        proc.acknowledge(seq)
+        if conn.awaiting_stdin_ack:
+            # The reconnect reply: what the server lacks goes again, once, before anything newer.
+            conn.awaiting_stdin_ack = False
+            proc.resend_unacknowledged()
+            self._flush_stdin(proc)
+
+    def _on_status(self, conn: Connection, frame: StatusFrame) -> None:
         status = frame.status
         if not isinstance(status, Status):
             self._log.info("ignoring unknown status %r", status)
@@ -610,385 +588,510 @@ class ClientProtocol:
         if status in FATAL_STATUSES:
             self._reconnectable = False
         if status in _PROCESS_STATUSES:
-            self._on_process_status(frame)
+            self._on_process_status(conn, frame, status)
             return
         handler = _SANDBOX_HANDLERS.get(status)
         if handler is not None:
-            handler(self, frame)
+            handler(self, conn, status)
         elif status in ERROR_FRAME_STATUSES:
-            self._expect_error_frame(status, "log")
+            conn.expect_error_frame(status, "log")
+        elif status is Status.SANDBOX_RUNNING:
+            self._on_running(conn, frame)
 
-    # -- setup
+    # -- setup and reattach
 
-    def _on_running(self, frame: StatusFrame) -> None:
-        if self.state not in _SETUP:
+    def _on_running(self, conn: Connection, frame: StatusFrame) -> None:
+        if conn.running:
+            self._debug("ignoring a second SANDBOX_RUNNING")
+            return
+        if self.state not in _SETUP and self.state is not SandboxState.RECONNECTING:
             self._debug("ignoring SANDBOX_RUNNING in state %s", self.state.value)
             return
         if self.sandbox_id is None:
-            self.state = SandboxState.FAILED
             err = SandboxCreationError("the server reported SANDBOX_RUNNING without a sandbox id")
+            self.state = SandboxState.FAILED
             self._emit(SetupFailed(err))
             self._emit(CloseConnection(1000))
             self._end(err)
             return
+        conn.running = True
         self.extensions = _extension_set(frame.extensions)
         self.state = SandboxState.RUNNING
         self._reconnectable = True
-        self._ever_running = True
         self._lost_at = None
         self._reconnect_attempt = 0
-        restored, self._restored = self._restored, False
-        if not self._was_reconnecting:
-            self._emit(SetupComplete(self.sandbox_id, restored))
+        if conn.reattach:
+            self._reattached(conn)
+        else:
+            self._emit(SetupComplete(self.sandbox_id, conn.restored))
+
+    def _reattached(self, conn: Connection) -> None:
+        """Running again on a new socket: send what is owed, in order (7.12)."""
+        restored = conn.restored
+        if self._kill_sandbox is Wire.HELD:
+            self._hand_kill_sandbox()
+            self._emit(Reconnected(restored))
             return
-        self._was_reconnecting = False
         proc = self._process
-        if proc is not None and proc.state is not ProcessState.DONE:
+        if proc is not None and proc.active:
             if restored:
                 # 7.10: a restore means the process did not survive the move.
-                self._finish_process(
-                    ProcessEnded(
-                        proc.exec_id,
-                        None,
-                        SandboxConnectionError("the sandbox was restored elsewhere; the process is gone"),
-                    )
-                )
-            elif self._process_at_drop:
-                last_seq = self._last_seq if EXT_SEQ in self.extensions else None
-                self._send(ReconnectRequest(last_seq))
-                if last_seq is None:
-                    self._emit(OutputIncomplete(proc.exec_id))
-                self._flush_stdin(proc)
-        self._process_at_drop = False
+                gone = SandboxConnectionError("the sandbox was restored elsewhere; the process is gone")
+                if proc.started:
+                    self._finish(proc, ProcessEnded(proc.exec_id, None, gone))
+                else:
+                    self._finish(proc, ExecRejected(proc.exec_id, gone))
+            elif proc.request is Wire.HELD:
+                self._hand_exec(proc)
+            elif not proc.started:
+                self._resolve_unanswered_exec(conn, proc)
+            else:
+                self._resume(conn, proc)
+        if self._snapshot is Wire.HELD:
+            self._hand_snapshot()
+        if self._checkpoint is Wire.HELD:
+            self._hand_checkpoint()
         self._emit(Reconnected(restored))
 
-    def _on_restoring(self, frame: StatusFrame) -> None:
-        if self.state in _SETUP:
-            self.state = SandboxState.RESTORING
-            self._restored = True
+    def _resume(self, conn: Connection, proc: Exec) -> None:
+        """Ask for the running exec's stream again; stdin follows once the server says what it has."""
+        seq = EXT_SEQ in self.extensions
+        numbered = EXT_STDIN_SEQ in self.extensions
+        self._send(ReconnectRequest(self._last_seq if seq else None, stdin_seq=numbered))
+        if not seq:
+            self._emit(OutputIncomplete(proc.exec_id))
+        proc.unnumbered_handed = 0
+        if numbered:
+            conn.awaiting_stdin_ack = True
+        else:
+            if proc.unacked:
+                # Numbered on the old socket, but this server cannot say what arrived.
+                proc.unacked.clear()
+                self._emit(StdinIncomplete(proc.exec_id))
+            self._flush_stdin(proc)
+        self._send_kill_if_owed(proc)
 
-    def _on_setup_refused(self, frame: StatusFrame) -> None:
-        status = frame.status
-        assert isinstance(status, Status)
-        if self.state not in _SETUP:
+    def _resolve_unanswered_exec(self, conn: Connection, proc: Exec) -> None:
+        """The exec request may have reached the server, but no reply did: never leave an orphan."""
+        if EXT_SEQ in self.extensions:
+            # Our server answers a reconnect with the exec's stream if it runs, else with one DONE.
+            conn.adopting = True
+            self._send(ReconnectRequest(self._last_seq, stdin_seq=EXT_STDIN_SEQ in self.extensions))
+            return
+        # Upstream would kill the session on a reconnect with nothing running (7.12 b); a kill is safe.
+        self._send(KillProcessRequest())
+        conn.stray_force_killed = True
+        conn.stray_done = True
+        err = SandboxConnectionError("the connection was lost before the exec started; it was killed in case it had")
+        self._finish(proc, ExecRejected(proc.exec_id, err))
+
+    def _on_restoring(self, conn: Connection, status: Status) -> None:
+        if self.state in _SETUP or (self.state is SandboxState.RECONNECTING and not conn.running):
+            if self.state in _SETUP:
+                self.state = SandboxState.RESTORING
+            conn.restored = True
+
+    def _on_setup_refused(self, conn: Connection, status: Status) -> None:
+        in_setup = self.state in _SETUP or (self.state is SandboxState.RECONNECTING and not conn.running)
+        if not in_setup:
             self._log.warning("ignoring %s outside setup", status)
             return
-        if status is Status.SANDBOX_IN_USE and self._was_reconnecting:
-            # Transient: the server has not yet noticed our old socket died (7.12).
-            self._reconnectable = True
-            return
+        if conn.reattach:
+            if status is Status.SANDBOX_IN_USE:
+                # Transient: the server has not yet noticed our old socket died (7.12).
+                self._reconnectable = True
+                return
+            if status is Status.SANDBOX_NOT_FOUND and self._kill_sandbox is not Wire.NONE:
+                # What we came back to kill is already gone.
+                self._kill_sandbox = Wire.NONE
+                self.state = SandboxState.KILLED
+                self._emit(KillSandboxDone(None))
+                self._end(None)
+                self._emit(CloseConnection(1000))
+                return
         if status in ERROR_FRAME_STATUSES:
-            self._expect_error_frame(status, "setup")
+            conn.expect_error_frame(status, "setup")
         else:
-            self._fail_setup(status, None)
+            self._fail_setup(conn, status, None)
 
-    def _fail_setup(self, status: Status, message: str | None) -> None:
+    def _fail_setup(self, conn: Connection, status: Status, message: str | None) -> None:
         if self.state in _ENDED:
             return
         text = f"{status.value}: {message}" if message else status.value
         err = SandboxCreationError(text, status=status, server_message=message)
         self.state = SandboxState.FAILED
-        if self._was_reconnecting:
-            self._end(err)
-        else:
+        if not conn.reattach:
             self._emit(SetupFailed(err))
-            self._end(err)
+        self._end(err)
         self._emit(CloseConnection(1000))
 
-    # -- lifecycle
+    # -- lifecycle statuses
 
-    def _on_deleted(self, frame: StatusFrame) -> None:
-        if self._checkpoint_pending or self._kill_sandbox_pending:
+    def _on_deleted(self, conn: Connection, status: Status) -> None:
+        if self._checkpoint is not Wire.NONE or self._kill_sandbox is not Wire.NONE:
             return  # part of the sequence we asked for (7.6, 7.7)
-        reason = self._leaving_reason or "the server deleted the sandbox (idle timeout or lost lock)"
-        self._server_ended(reason)
+        self._server_ended(self._leaving_reason or "the server deleted the sandbox (idle timeout or lost lock)")
 
-    def _on_lock_release_requested(self, frame: StatusFrame) -> None:
-        if self._checkpoint_pending or self._kill_sandbox_pending:
+    def _on_lock_release_requested(self, conn: Connection, status: Status) -> None:
+        if self._checkpoint is not Wire.NONE or self._kill_sandbox is not Wire.NONE:
             return
         self._server_ended("the sandbox is being handed off to another connection")
 
-    def _on_lock_renewal_error(self, frame: StatusFrame) -> None:
+    def _on_lock_renewal_error(self, conn: Connection, status: Status) -> None:
         self._leaving_reason = "the server lost the sandbox's lock; it is being deleted"
 
     def _server_ended(self, reason: str) -> None:
         self._leaving_reason = reason
         self.state = SandboxState.FAILED
-        err = SandboxDeletedError(reason)
-        self._end(err)
+        self._end(SandboxDeletedError(reason))
         self._emit(CloseConnection(1000))
 
-    def _on_killed(self, frame: StatusFrame) -> None:
-        if not self._kill_sandbox_pending:
+    def _on_killed(self, conn: Connection, status: Status) -> None:
+        if self._kill_sandbox is not Wire.HANDED:
             return
-        self._kill_sandbox_pending = False
+        self._kill_sandbox = Wire.NONE
         self.state = SandboxState.KILLED
         err = None
-        if frame.status is Status.SANDBOX_KILL_ERROR:
-            err = SandboxStateError("the server reported SANDBOX_KILL_ERROR", status=frame.status)
+        if status is Status.SANDBOX_KILL_ERROR:
+            err = SandboxStateError("the server reported SANDBOX_KILL_ERROR", status=status)
         self._emit(KillSandboxDone(err))
         self._end(None)
         self._emit(CloseConnection(1000))
 
-    def _on_checkpointed(self, frame: StatusFrame) -> None:
-        if not self._checkpoint_pending:
+    def _on_checkpointed(self, conn: Connection, status: Status) -> None:
+        if self._checkpoint is not Wire.HANDED:
             self._server_ended(self._leaving_reason or "the sandbox was checkpointed by the server")
             return
-        self._checkpoint_pending = False
+        self._checkpoint = Wire.NONE
         self.state = SandboxState.CHECKPOINTED
         self._emit(CheckpointDone(None))
         self._end(None)
         self._emit(CloseConnection(1000))
 
-    def _on_checkpoint_error(self, frame: StatusFrame) -> None:
-        assert isinstance(frame.status, Status)
-        if self._checkpoint_pending:
-            self._expect_error_frame(frame.status, "checkpoint")
+    def _on_checkpoint_error(self, conn: Connection, status: Status) -> None:
+        if self._checkpoint is Wire.HANDED:
+            conn.expect_error_frame(status, "checkpoint")
         # Unrequested: a failed handoff checkpoint, no error frame follows (6.1).
 
-    def _on_snapshot_created(self, frame: StatusFrame) -> None:
-        if self._snapshot_pending:
-            self._snapshot_pending = False
+    def _on_snapshot_created(self, conn: Connection, status: Status) -> None:
+        if self._snapshot is Wire.HANDED:
+            self._snapshot = Wire.NONE
             self._emit(SnapshotDone(None))
 
-    def _on_snapshot_error(self, frame: StatusFrame) -> None:
-        assert isinstance(frame.status, Status)
-        self._expect_error_frame(frame.status, "snapshot" if self._snapshot_pending else "log")
+    def _on_snapshot_error(self, conn: Connection, status: Status) -> None:
+        conn.expect_error_frame(status, "snapshot" if self._snapshot is Wire.HANDED else "log")
 
-    def _on_sandbox_error(self, frame: StatusFrame) -> None:
-        kind = "snapshot" if self._snapshot_pending else "log"
-        self._expect_error_frame(Status.SANDBOX_ERROR, kind)
+    def _on_sandbox_error(self, conn: Connection, status: Status) -> None:
+        conn.expect_error_frame(Status.SANDBOX_ERROR, "snapshot" if self._snapshot is Wire.HANDED else "log")
 
     # -- the active process
 
-    def _on_process_status(self, frame: StatusFrame) -> None:
-        status = frame.status
+    def _on_process_status(self, conn: Connection, frame: StatusFrame, status: Status) -> None:
         proc = self._process
-        if proc is None or proc.state is ProcessState.DONE:
+        if proc is None or not proc.active:
             if status in ERROR_FRAME_STATUSES:
-                self._expect_error_frame(status, "log")  # type: ignore[arg-type]
-            self._consume_stray(status)
+                conn.expect_error_frame(status, "log")
+            if not conn.consume_stray(status):
+                self._debug("ignoring %s with no active process", status)
             return
         if proc.state is ProcessState.STARTING:
             if status is Status.SANDBOX_EXECUTION_RUNNING:
-                proc.state = ProcessState.RUNNING
-                self._stray_done = self._stray_force_killed = False
-                self._emit(ExecStarted(proc.exec_id))
-                self._flush_stdin(proc)
-                if proc.kill_requested:
-                    self._send_kill(proc)
+                self._started(conn, proc)
             elif status in (Status.SANDBOX_EXECUTION_ERROR, Status.SANDBOX_EXECUTION_UNSUPPORTED_LANGUAGE_ERROR):
-                self._expect_error_frame(status, "exec")  # type: ignore[arg-type]
+                conn.expect_error_frame(status, "exec")
+            elif status is Status.SANDBOX_EXECUTION_DONE and conn.adopting:
+                conn.adopting = False
+                err = SandboxConnectionError("the connection was lost before the exec started; it did not run")
+                self._finish(proc, ExecRejected(proc.exec_id, err))
             else:
                 # A DONE or FORCE_KILLED before our first status belongs to an earlier exec.
                 self._debug("ignoring %s before the exec started", status)
             return
         if status is Status.SANDBOX_EXECUTION_DONE:
-            if proc.kill_sent and not proc.force_killed_seen:
-                self._stray_force_killed = True
-            # 15: use an extension only when advertised on this connection.
+            if proc.kill is Wire.HANDED and not proc.force_killed_seen:
+                conn.stray_force_killed = True
+            # 15: use an extension only when granted on this connection.
             exit_code = frame.exit_code if EXT_EXIT_CODE in self.extensions else None
-            self._finish_process(ProcessEnded(proc.exec_id, exit_code, None))
+            self._finish(proc, ProcessEnded(proc.exec_id, exit_code, None))
         elif status is Status.SANDBOX_EXECUTION_FORCE_KILLED:
             proc.force_killed_seen = True
             proc.state = ProcessState.KILLING
         elif status is Status.SANDBOX_EXECUTION_FORCE_KILL_ERROR:
-            if proc.kill_sent:
-                proc.kill_sent = proc.kill_requested = False
+            if proc.kill is Wire.HANDED:
+                proc.kill = Wire.NONE
                 proc.state = ProcessState.RUNNING
-                self._emit(
-                    KillProcessFailed(
-                        proc.exec_id, SandboxExecutionError("the server could not kill the process", status=status)
-                    )
-                )
+                failure = SandboxExecutionError("the server could not kill the process", status=status)
+                self._emit(KillProcessFailed(proc.exec_id, failure))
         elif status is Status.SANDBOX_EXECUTION_RUNNING:
             pass  # the duplicate that starts a reconnect reply (7.12)
         elif status in ERROR_FRAME_STATUSES:
             # STDIN_ERROR, or an EXECUTION_ERROR about a request we did not make.
-            self._expect_error_frame(status, "log")  # type: ignore[arg-type]
+            conn.expect_error_frame(status, "log")
 
-    def _consume_stray(self, status: Status | str) -> None:
-        if status is Status.SANDBOX_EXECUTION_DONE and self._stray_done:
-            self._stray_done = False
-        elif status is Status.SANDBOX_EXECUTION_FORCE_KILLED and self._stray_force_killed:
-            self._stray_force_killed = False
-        else:
-            self._debug("ignoring %s with no active process", status)
+    def _started(self, conn: Connection, proc: Exec) -> None:
+        proc.state = ProcessState.RUNNING
+        conn.adopting = False
+        conn.stray_done = conn.stray_force_killed = False
+        self._emit(ExecStarted(proc.exec_id))
+        self._flush_stdin(proc)
+        self._send_kill_if_owed(proc)
 
-    def _finish_process(self, event: ProcessEnded | ExecRejected) -> None:
-        proc = self._process
-        if proc is None or proc.state is ProcessState.DONE:
+    def _finish(self, proc: Exec, event: ProcessEnded | ExecRejected) -> None:
+        if not proc.active:
             return
         proc.state = ProcessState.DONE
-        proc.stdin_buffer.clear()
+        proc.drop_stdin()
         self._emit(event)
+        if proc is self._process and self._queued_exec is not None:
+            # The abandoned exec is over: the one waiting behind it goes now.
+            queued, self._queued_exec = self._queued_exec, None
+            self._process = queued
+            if self.state is SandboxState.RUNNING:
+                self._hand_exec(queued)
 
     # -- error frames
 
-    def _expect_error_frame(self, status: Status, kind: str) -> None:
-        self._pending_errors.append(_PendingError(status, kind))
-
-    def _on_error_frame(self, message: str) -> None:
-        if not self._pending_errors:
-            self._log.info("server error with no status to attach it to: %s", message)
-            return
-        pending = self._pending_errors.pop()  # the most recent status that lacks one (6.1)
-        self._resolve_error(pending, message)
-
-    def _flush_pending_errors(self) -> None:
-        pending, self._pending_errors = self._pending_errors, []
-        for item in pending:
-            self._resolve_error(item, None)
-
-    def _resolve_error(self, pending: _PendingError, message: str | None) -> None:
+    def _resolve_error(self, conn: Connection, pending: PendingError, message: str | None) -> None:
         status = pending.status
         text = f"{status.value}: {message}" if message else status.value
         if pending.kind == "setup":
-            self._fail_setup(status, message)
+            if self.state in _SETUP or (self.state is SandboxState.RECONNECTING and not conn.running):
+                self._fail_setup(conn, status, message)
+            else:  # the server went on to SANDBOX_RUNNING anyway: the refusal did not stand
+                self._log.warning("server reported %s, then ran the sandbox", text)
         elif pending.kind == "exec":
             proc = self._process
             if proc is not None and proc.state is ProcessState.STARTING:
                 # A DONE follows only if nothing else was running (7.3.5).
-                self._stray_done = True
+                conn.stray_done = True
                 err = SandboxExecutionError(text, status=status, server_message=message)
-                self._finish_process(ExecRejected(proc.exec_id, err))
+                self._finish(proc, ExecRejected(proc.exec_id, err))
         elif pending.kind == "checkpoint":
-            self._checkpoint_pending = False
-            err2 = SandboxCheckpointError(text, status=status, server_message=message)
-            if status is Status.SANDBOX_EXECUTION_IN_PROGRESS_ERROR:
+            self._checkpoint = Wire.NONE
+            if status is Status.SANDBOX_EXECUTION_IN_PROGRESS_ERROR and self.state is SandboxState.CHECKPOINTING:
                 self.state = SandboxState.RUNNING
-            self._emit(CheckpointDone(err2))
+            self._emit(CheckpointDone(SandboxCheckpointError(text, status=status, server_message=message)))
         elif pending.kind == "snapshot":
-            self._snapshot_pending = False
+            self._snapshot = Wire.NONE
             self._emit(SnapshotDone(SandboxFilesystemSnapshotError(text, status=status, server_message=message)))
         else:
             self._log.warning("server reported %s", text)
 
     # ------------------------------------------------------------------
-    # user actions
+    # user actions: each asks CALL_TABLE first
 
-    def _require_running(self, what: str) -> None:
-        if self.state is SandboxState.RUNNING:
-            return
-        if self.state is SandboxState.RECONNECTING or (self._was_reconnecting and self.state in _SETUP):
-            raise LocalProtocolError(f"cannot {what} while reconnecting; retry when the sandbox is running again")
-        raise LocalProtocolError(f"cannot {what}: the sandbox is {self.state.value}, not running")
+    def _verdict(self, call: Call) -> Verdict:
+        verdict = CALL_TABLE[self.state][call]
+        if verdict is Verdict.REFUSE:
+            raise LocalProtocolError(self._refusal(call))
+        return verdict
 
-    def exec(self, language: str, code: str) -> int:
-        """Start an exec; returns its id. Allowed when running and no process is active."""
-        self._require_running("exec")
-        if self._process is not None and self._process.state is not ProcessState.DONE:
-            raise LocalProtocolError("another process is still running in this sandbox; wait for it or kill it first")
-        exec_id = self._next_exec_id
-        self._next_exec_id += 1
-        self._process = _Process(exec_id)
-        self._send(ExecRequest(language, code))
-        return exec_id
+    def _refusal(self, call: Call) -> str:
+        if self.state in _ENDED:
+            return f"cannot {call.value}: the sandbox is {self.state.value}"
+        if self.state is SandboxState.CHECKPOINTING:
+            return f"cannot {call.value} while a checkpoint is in progress"
+        return f"cannot {call.value}: the sandbox is {self.state.value}, not running yet"
 
-    def _current(self, exec_id: int) -> _Process:
+    def _active(self, exec_id: int) -> Exec:
         proc = self._process
-        if proc is None or proc.exec_id != exec_id or proc.state is ProcessState.DONE:
+        if proc is None or proc.exec_id != exec_id or not proc.active:
             raise LocalProtocolError("the process has finished")
         return proc
 
-    def write_stdin(self, exec_id: int, data: str) -> None:
-        """Send stdin; kept in order until the process runs and while reconnecting (7.4)."""
-        proc = self._current(exec_id)
-        if self.state in _ENDED:
-            raise LocalProtocolError(f"the sandbox is {self.state.value}")
-        if proc.state is ProcessState.STARTING or self.state is not SandboxState.RUNNING or proc.stdin_buffer:
-            proc.stdin_buffer.append(data)
-            return
-        self._send(StdinRequest(data))
+    def exec(self, language: str, code: str) -> int:
+        """Start an exec; returns its id. Held while reconnecting, or behind an abandoned exec."""
+        verdict = self._verdict(Call.EXEC)
+        proc = Exec(self._next_exec_id, ExecRequest(language, code))
+        active = self._process
+        if active is not None and active.active:
+            if not active.abandoned or self._queued_exec is not None:
+                raise LocalProtocolError(
+                    "another process is still running in this sandbox; wait for it or kill it first"
+                )
+            self._queued_exec = proc
+        else:
+            self._process = proc
+            if verdict is Verdict.SEND:
+                self._hand_exec(proc)
+        self._next_exec_id += 1
+        return proc.exec_id
 
-    def _flush_stdin(self, proc: _Process) -> None:
-        buffered, proc.stdin_buffer = proc.stdin_buffer, []
-        for data in buffered:
-            self._send(StdinRequest(data))
+    def _hand_exec(self, proc: Exec) -> None:
+        proc.request = Wire.HANDED
+        self._send(proc.exec_request, ("exec", proc, None))
+
+    def abandon_exec(self, exec_id: int) -> None:
+        """The caller stopped waiting for the exec to start: kill it once it starts, keep the sandbox."""
+        queued = self._queued_exec
+        if queued is not None and queued.exec_id == exec_id:
+            self._queued_exec = None
+            return
+        proc = self._process
+        if proc is None or proc.exec_id != exec_id or not proc.active:
+            return
+        if proc.request is Wire.HELD and not proc.started:
+            # Never sent: nothing runs on the server.
+            self._finish(proc, ExecRejected(exec_id, SandboxStateError("the exec was abandoned before it was sent")))
+            return
+        proc.abandoned = True
+        self.kill_process(exec_id)
+
+    def write_stdin(self, exec_id: int, data: str) -> None:
+        """Send stdin, in order, exactly once where the server numbers it (``stdin_seq``)."""
+        self._verdict(Call.STDIN)
+        proc = self._active(exec_id)
+        if proc.stdin_closed:
+            raise LocalProtocolError("stdin of this process is closed")
+        proc.add_stdin(data)
+        self._flush_stdin(proc)
 
     def close_stdin(self, exec_id: int) -> None:
-        """Extension ``close_stdin``; raises if the server did not advertise it."""
-        proc = self._current(exec_id)
+        """Extension ``close_stdin``: end of input, after everything written before it."""
+        self._verdict(Call.CLOSE_STDIN)
+        proc = self._active(exec_id)
         if EXT_CLOSE_STDIN not in self.extensions:
             raise LocalProtocolError("this server cannot close stdin (no close_stdin extension)")
-        if proc.state is ProcessState.STARTING or proc.stdin_buffer:
-            raise LocalProtocolError("cannot close stdin before the process has started and its input is sent")
-        self._send(CloseStdinRequest())
+        if not proc.stdin_closed:
+            proc.add_stdin(None)
+            self._flush_stdin(proc)
+
+    def _flush_stdin(self, proc: Exec) -> None:
+        conn = self._conn
+        if (
+            self.state not in _CONNECTED
+            or conn is None
+            or conn.awaiting_stdin_ack
+            or not proc.started
+            or proc is not self._process
+        ):
+            return
+        numbered = EXT_STDIN_SEQ in self.extensions
+        for item in proc.take_stdin(numbered):
+            seq = item.seq if numbered else None
+            if item.data is None:
+                if EXT_CLOSE_STDIN in self.extensions:
+                    self._send(CloseStdinRequest(seq), ("stdin", proc, item))
+                else:
+                    self._log.warning("stdin was not closed: this server has no close_stdin extension")
+            else:
+                self._send(StdinRequest(item.data, seq), ("stdin", proc, item))
 
     def kill_process(self, exec_id: int) -> None:
-        """Ask for the process to be killed; deferred until it has started (7.5)."""
+        """Ask for the process to be killed: once it has started (7.5), once a socket is up."""
         proc = self._process
-        if proc is None or proc.exec_id != exec_id or proc.state is ProcessState.DONE:
+        if proc is None or proc.exec_id != exec_id or not proc.active:
             return  # already over: nothing to kill
-        proc.kill_requested = True
-        if proc.state is not ProcessState.STARTING and self.state is SandboxState.RUNNING:
-            self._send_kill(proc)
-
-    def _send_kill(self, proc: _Process) -> None:
-        if not proc.kill_sent:
-            proc.kill_sent = True
-            self._send(KillProcessRequest())
-
-    def kill_process_timed_out(self, exec_id: int) -> None:
-        """The adapter gave up waiting for the kill: end the process locally."""
-        proc = self._process
-        if proc is None or proc.exec_id != exec_id or proc.state is ProcessState.DONE:
+        if self._verdict(Call.KILL_PROCESS) is Verdict.IGNORE:
             return
-        self._stray_done = True
-        self._stray_force_killed = not proc.force_killed_seen
-        self._finish_process(ProcessEnded(exec_id, None, None))
+        if proc.kill is Wire.NONE:
+            proc.kill = Wire.HELD
+        self._send_kill_if_owed(proc)
+
+    def _send_kill_if_owed(self, proc: Exec) -> None:
+        conn = self._conn
+        if proc.kill is Wire.HELD and proc.started and self.state in _CONNECTED and conn is not None:
+            proc.kill = Wire.HANDED
+            self._send(KillProcessRequest(), ("kill", proc, None))
+
+    def kill_process_timed_out(self, exec_id: int) -> bool:
+        """The adapter gave up waiting for the kill. ``True``: the process is over for us.
+
+        A kill that was sent is taken as done (upstream does the same after 5 s).
+        A kill that could not be sent yet (reconnecting, not started) stays owed
+        and is sent when possible: ``False``, the process is still running.
+        """
+        proc = self._process
+        if proc is None or proc.exec_id != exec_id or not proc.active:
+            return True
+        if proc.kill is not Wire.HANDED:
+            return False
+        conn = self._conn
+        if conn is not None:
+            conn.stray_done = True
+            conn.stray_force_killed = not proc.force_killed_seen
+        self._finish(proc, ProcessEnded(exec_id, None, None))
+        return True
 
     def kill_sandbox(self) -> None:
-        if self.state in _ENDED:
+        verdict = self._verdict(Call.KILL_SANDBOX)
+        if verdict is Verdict.IGNORE or self._kill_sandbox is not Wire.NONE:
             return
-        if self.state is not SandboxState.RUNNING or self._kill_sandbox_pending:
-            # Not connected to a live sandbox: just end the session locally.
-            self.close()
-            return
-        self._kill_sandbox_pending = True
-        self._reconnectable = False
-        self._send(KillSandboxRequest())
+        if verdict is Verdict.END:
+            self.close()  # not open yet: nothing on the server to kill from here
+        elif verdict is Verdict.SEND:
+            self._hand_kill_sandbox()
+        else:
+            self._kill_sandbox = Wire.HELD
+
+    def _hand_kill_sandbox(self) -> None:
+        self._kill_sandbox = Wire.HANDED
+        self._send(KillSandboxRequest(), ("kill_sandbox", None, None))
 
     def kill_sandbox_timed_out(self) -> None:
-        if not self._kill_sandbox_pending:
-            return  # the kill already completed (or was never sent): a late timer is a no-op
-        self._kill_sandbox_pending = False
-        self.state = SandboxState.KILLED
-        self._emit(KillSandboxDone(None))
-        self._end(None)
+        """The adapter gave up waiting for the kill: end the session, saying if the kill never left."""
+        if self.state in _ENDED or self._kill_sandbox is Wire.NONE:
+            return  # the kill already completed (or was never asked for): a late timer is a no-op
+        if self._kill_sandbox is Wire.HANDED:
+            self._kill_sandbox = Wire.NONE
+            self.state = SandboxState.KILLED
+            self._emit(KillSandboxDone(None))
+            self._end(None)
+        else:
+            self._fail(SandboxConnectionError("no connection to the server within the timeout"))
         self._emit(CloseConnection(1000, abort=True))
 
     def checkpoint(self) -> None:
-        self._require_running("checkpoint")
-        if self._checkpoint_pending:
+        verdict = self._verdict(Call.CHECKPOINT)
+        if self._checkpoint is not Wire.NONE:
             raise LocalProtocolError("a checkpoint is already in progress")
-        self._checkpoint_pending = True
+        if verdict is Verdict.SEND:
+            self._hand_checkpoint()
+        else:
+            self._checkpoint = Wire.HELD
+
+    def _hand_checkpoint(self) -> None:
+        self._checkpoint = Wire.HANDED
         self.state = SandboxState.CHECKPOINTING
-        self._send(CheckpointRequest())
+        self._send(CheckpointRequest(), ("checkpoint", None, None))
+
+    def checkpoint_timed_out(self) -> None:
+        """A checkpoint still held is dropped; one sent leaves the session untrustworthy."""
+        if self._checkpoint is Wire.HELD:
+            self._checkpoint = Wire.NONE
+        elif self._checkpoint is Wire.HANDED:
+            self.operation_timed_out("checkpoint")
 
     def snapshot_filesystem(self, name: str) -> None:
-        self._require_running("snapshot the filesystem")
-        if self._snapshot_pending:
+        verdict = self._verdict(Call.SNAPSHOT)
+        if self._snapshot is not Wire.NONE:
             raise LocalProtocolError("a snapshot is already in progress")
-        self._snapshot_pending = True
-        self._send(SnapshotRequest(name))
+        self._snapshot_name = name
+        if verdict is Verdict.SEND:
+            self._hand_snapshot()
+        else:
+            self._snapshot = Wire.HELD
+
+    def _hand_snapshot(self) -> None:
+        self._snapshot = Wire.HANDED
+        self._send(SnapshotRequest(self._snapshot_name), ("snapshot", None, None))
+
+    def snapshot_timed_out(self) -> None:
+        """The caller gave up: a held snapshot is never sent, a late reply is ignored."""
+        self._snapshot = Wire.NONE
 
     def operation_timed_out(self, what: str) -> None:
         """A setup or checkpoint wait timed out: the session cannot be trusted any more."""
         if self.state in _ENDED:
             return
+        self._checkpoint = Wire.NONE
         self.state = SandboxState.FAILED
-        self._checkpoint_pending = False
-        err = SandboxConnectionError(f"{what} timed out")
-        self._end(err)
+        self._end(SandboxConnectionError(f"{what} timed out"))
         self._emit(CloseConnection(1000, abort=True))
-
-    def snapshot_timed_out(self) -> None:
-        self._snapshot_pending = False
 
     def close(self) -> None:
         """Detach: end the session locally and leave the sandbox running on the server."""
-        if self.state in _ENDED:
+        if self._verdict(Call.CLOSE) is Verdict.IGNORE:
             return
         self.state = SandboxState.CLOSED
         self._end(SandboxStateError("the sandbox connection was closed"))
@@ -996,8 +1099,9 @@ class ClientProtocol:
 
     # ------------------------------------------------------------------
 
-    def _emit(self, event: Event) -> None:
-        self._events.append(event)
+    def _fail(self, error: SandboxException) -> None:
+        self.state = SandboxState.FAILED
+        self._end(error)
 
     def _end(self, error: SandboxException | None) -> None:
         """Wake every waiter: nothing further will happen on this session."""
@@ -1005,28 +1109,31 @@ class ClientProtocol:
             return
         self._session_ended = True
         self._reconnectable = False
-        self._pending_errors.clear()
+        if self._conn is not None:
+            self._conn.pending_errors.clear()
         cause = error or SandboxStateError(f"the sandbox is {self.state.value}")
+        self._queued_exec = None
         proc = self._process
-        if proc is not None and proc.state is not ProcessState.DONE:
-            if proc.state is ProcessState.STARTING:
-                self._finish_process(ExecRejected(proc.exec_id, cause))
+        if proc is not None and proc.active:
+            if proc.started:
+                self._finish(proc, ProcessEnded(proc.exec_id, None, error))
             else:
-                self._finish_process(ProcessEnded(proc.exec_id, None, error))
-        if self._checkpoint_pending:
-            self._checkpoint_pending = False
+                self._finish(proc, ExecRejected(proc.exec_id, cause))
+        if self._checkpoint is not Wire.NONE:
+            self._checkpoint = Wire.NONE
             self._emit(CheckpointDone(SandboxCheckpointError(f"checkpoint did not complete: {cause}")))
-        if self._snapshot_pending:
-            self._snapshot_pending = False
+        if self._snapshot is not Wire.NONE:
+            self._snapshot = Wire.NONE
             self._emit(SnapshotDone(SandboxFilesystemSnapshotError(f"snapshot did not complete: {cause}")))
-        if self._kill_sandbox_pending:
-            self._kill_sandbox_pending = False
-            self._emit(KillSandboxDone(None))
+        if self._kill_sandbox is not Wire.NONE:
+            never_sent = self._kill_sandbox is Wire.HELD
+            self._kill_sandbox = Wire.NONE
+            why = SandboxConnectionError(f"the sandbox was not killed: {cause}") if never_sent else None
+            self._emit(KillSandboxDone(why))
         self._emit(SessionEnded(error))
 
 
 _SANDBOX_HANDLERS = {
-    Status.SANDBOX_RUNNING: ClientProtocol._on_running,
     Status.SANDBOX_RESTORING: ClientProtocol._on_restoring,
     Status.SANDBOX_NOT_FOUND: ClientProtocol._on_setup_refused,
     Status.SANDBOX_IN_USE: ClientProtocol._on_setup_refused,

@@ -815,18 +815,55 @@ class TestReconnect:
         assert sent(client) == [{"language": "python", "code": "x"}]
         assert exec_id == 1
 
-    def test_exec_starting_at_drop_is_rejected(self) -> None:
+    def test_exec_unanswered_at_drop_is_killed_without_seq(self) -> None:
+        # The request may have reached the server: a kill makes sure no orphan holds the sandbox.
         client = created(auto_reconnect=True)
         exec_id = client.exec("python", "x")
         client.data_to_send()  # written; whether it arrived is unknown
         events = dropped(client)
-        (rejected,) = of_type(events, ExecRejected)
-        assert rejected.exec_id == exec_id
-        assert isinstance(rejected.error, SandboxConnectionError)
+        assert not of_type(events, ExecRejected)
         assert of_type(events, ReconnectScheduled)
         client.connection_opened()
         feed(client, ST("SANDBOX_RUNNING"))
-        assert client.data_to_send() == []
+        assert sent(client) == [{"action": "kill_process"}]
+        (rejected,) = of_type(client.events(), ExecRejected)
+        assert rejected.exec_id == exec_id
+        assert isinstance(rejected.error, SandboxConnectionError)
+        feed(client, FORCE_KILLED, DONE)  # the kill's reply is absorbed, not taken for the next exec's
+        next_id = client.exec("python", "y")
+        feed(client, RUNNING)
+        assert ExecStarted(next_id) in client.events()
+
+    @pytest.mark.parametrize("started", [True, False])
+    def test_exec_unanswered_at_drop_is_adopted_with_seq(self, started: bool) -> None:
+        client = created(auto_reconnect=True, extensions=["seq"])
+        exec_id = client.exec("python", "x")
+        client.data_to_send()
+        dropped(client)
+        client.connection_opened()
+        feed(client, ST("SANDBOX_RUNNING", extensions=["seq"]))
+        assert sent(client) == [{"action": "reconnect", "last_seq": 0}]
+        if started:
+            feed(client, RUNNING, OUT("stdout", "hi", seq=1), DONE)
+            events = client.events()
+            assert ExecStarted(exec_id) in events
+            assert Output(exec_id, "stdout", "hi") in events
+            assert of_type(events, ProcessEnded) == [ProcessEnded(exec_id, None, None)]
+        else:
+            feed(client, DONE)  # our server's answer when nothing runs (S1)
+            (rejected,) = of_type(client.events(), ExecRejected)
+            assert isinstance(rejected.error, SandboxConnectionError)
+
+    def test_exec_never_sent_is_sent_after_the_reconnect(self) -> None:
+        client = created(auto_reconnect=True)
+        exec_id = client.exec("python", "x")
+        client.send_failed(client.data_to_send())  # did not leave
+        dropped(client)
+        client.connection_opened()
+        feed(client, ST("SANDBOX_RUNNING"))
+        assert sent(client) == [{"language": "python", "code": "x"}]
+        feed(client, RUNNING)
+        assert ExecStarted(exec_id) in client.events()
 
     def test_in_use_and_1011_during_reconnect_is_retried(self) -> None:
         client = created(auto_reconnect=True, reconnect_policy=ReconnectPolicy(initial_delay=0.5, deadline=60.0))
@@ -919,8 +956,9 @@ class TestReconnect:
     def test_deliberate_operations_never_reconnect(self, action: str) -> None:
         client = created(auto_reconnect=True)
         getattr(client, action)()
+        client.data_to_send()  # handed to the socket
         before = client.events()
-        events = before + dropped(client, code=1006)
+        events = before + dropped(client, code=1000 if action == "kill_sandbox" else 1006)
         assert not of_type(events, ReconnectScheduled)
         assert len(of_type(events, SessionEnded)) == 1
         if action == "checkpoint":
@@ -928,6 +966,29 @@ class TestReconnect:
             assert done.error is not None
         if action == "kill_sandbox":
             assert of_type(events, KillSandboxDone) == [KillSandboxDone(None)]
+
+    def test_kill_sandbox_cut_abnormally_is_sent_again(self) -> None:
+        # A 1006 right after the kill left: it may not have arrived, so it goes again once reattached.
+        client = created(auto_reconnect=True)
+        client.kill_sandbox()
+        client.data_to_send()
+        assert of_type(dropped(client, code=1006), ReconnectScheduled)
+        client.connection_opened()
+        feed(client, ST("SANDBOX_RUNNING"))
+        assert sent(client) == [{"action": "kill_sandbox"}]
+        feed(client, ST("SANDBOX_KILLING"), ST("SANDBOX_DELETING"), ST("SANDBOX_DELETED"), ST("SANDBOX_KILLED"))
+        assert KillSandboxDone(None) in client.events()
+        assert client.state is SandboxState.KILLED
+
+    def test_kill_sandbox_already_gone_on_reattach(self) -> None:
+        client = created(auto_reconnect=True)
+        client.kill_sandbox()
+        client.data_to_send()
+        dropped(client, code=1006)
+        client.connection_opened()
+        feed(client, ST("SANDBOX_NOT_FOUND"))
+        assert KillSandboxDone(None) in client.events()
+        assert client.state is SandboxState.KILLED
 
     def test_backoff_deadline_gives_up(self) -> None:
         policy = ReconnectPolicy(initial_delay=0.5, max_delay=4.0, deadline=20.0)
