@@ -213,6 +213,7 @@ class ClientProtocol:
         "_reconnect_attempt",
         "_reconnectable",
         "_rng",
+        "_sandbox_survives",
         "_session_ended",
         "_snapshot",
         "_snapshot_name",
@@ -273,6 +274,8 @@ class ClientProtocol:
         self._snapshot = Wire.NONE
         self._snapshot_name = ""
         self._leaving_reason: str | None = None
+        #: The server let go of the sandbox without deleting it (handoff, checkpoint): a kill did not happen.
+        self._sandbox_survives = False
         self._last_seq = 0
         self._reconnect_attempt = 0
         self._lost_at: float | None = None
@@ -733,15 +736,21 @@ class ClientProtocol:
         self._server_ended(self._leaving_reason or "the server deleted the sandbox (idle timeout or lost lock)")
 
     def _on_lock_release_requested(self, conn: Connection, status: Status) -> None:
-        if self._checkpoint is not Wire.NONE or self._kill_sandbox is not Wire.NONE:
+        if self._checkpoint is not Wire.NONE:
             return
-        self._server_ended("the sandbox is being handed off to another connection")
+        if self._kill_sandbox is not Wire.NONE:
+            # Not part of a kill (7.6): the handoff overtook it, and the sandbox will live on elsewhere.
+            self._leaving_reason = "the sandbox was handed off to another instance before the kill"
+            self._sandbox_survives = True
+            return
+        self._server_ended("the sandbox is being handed off to another connection", survives=True)
 
     def _on_lock_renewal_error(self, conn: Connection, status: Status) -> None:
         self._leaving_reason = "the server lost the sandbox's lock; it is being deleted"
 
-    def _server_ended(self, reason: str) -> None:
+    def _server_ended(self, reason: str, *, survives: bool = False) -> None:
         self._leaving_reason = reason
+        self._sandbox_survives = self._sandbox_survives or survives
         self.state = SandboxState.FAILED
         self._end(SandboxDeletedError(reason))
         self._emit(CloseConnection(1000))
@@ -760,7 +769,7 @@ class ClientProtocol:
 
     def _on_checkpointed(self, conn: Connection, status: Status) -> None:
         if self._checkpoint is not Wire.HANDED:
-            self._server_ended(self._leaving_reason or "the sandbox was checkpointed by the server")
+            self._server_ended(self._leaving_reason or "the sandbox was checkpointed by the server", survives=True)
             return
         self._checkpoint = Wire.NONE
         self.state = SandboxState.CHECKPOINTED
@@ -801,7 +810,10 @@ class ClientProtocol:
                 conn.expect_error_frame(status, "exec")
             elif status is Status.SANDBOX_EXECUTION_DONE and conn.adopting:
                 conn.adopting = False
-                err = SandboxConnectionError("the connection was lost before the exec started; it did not run")
+                # One DONE cannot say which exec it ends: this one may have run and ended unseen.
+                err = SandboxConnectionError(
+                    "the connection was lost before the exec's start was seen; it is not running (it may have run)"
+                )
                 self._finish(proc, ExecRejected(proc.exec_id, err))
             else:
                 # A DONE or FORCE_KILLED before our first status belongs to an earlier exec.
@@ -1112,7 +1124,9 @@ class ClientProtocol:
         if self._conn is not None:
             self._conn.pending_errors.clear()
         cause = error or SandboxStateError(f"the sandbox is {self.state.value}")
-        self._queued_exec = None
+        queued, self._queued_exec = self._queued_exec, None
+        if queued is not None:
+            self._emit(ExecRejected(queued.exec_id, cause))
         proc = self._process
         if proc is not None and proc.active:
             if proc.started:
@@ -1126,9 +1140,12 @@ class ClientProtocol:
             self._snapshot = Wire.NONE
             self._emit(SnapshotDone(SandboxFilesystemSnapshotError(f"snapshot did not complete: {cause}")))
         if self._kill_sandbox is not Wire.NONE:
-            never_sent = self._kill_sandbox is Wire.HELD
+            why: SandboxException | None = None
+            if self._kill_sandbox is Wire.HELD:
+                why = SandboxConnectionError(f"the sandbox was not killed: {cause}")
+            elif self._sandbox_survives:
+                why = SandboxStateError(f"the sandbox was not killed: {self._leaving_reason}")
             self._kill_sandbox = Wire.NONE
-            why = SandboxConnectionError(f"the sandbox was not killed: {cause}") if never_sent else None
             self._emit(KillSandboxDone(why))
         self._emit(SessionEnded(error))
 
