@@ -12,8 +12,10 @@ what must wait: sending a reply the core queued, and reconnecting.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl as ssl_module
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self, TypedDict
@@ -158,6 +160,30 @@ def open_timeout(options: AttachOptions) -> float | None:
     return options.get("timeout", DEFAULT_CONNECT_TIMEOUT)
 
 
+class _WeakReceiver:
+    """What the transport calls: it must not keep a sandbox its user has dropped alive."""
+
+    __slots__ = ("_sandbox",)
+
+    def __init__(self, sandbox: BaseSandbox) -> None:
+        self._sandbox = weakref.ref(sandbox)
+
+    def message_received(self, message: str | bytes) -> None:
+        if (sandbox := self._sandbox()) is not None:
+            sandbox.message_received(message)
+
+    def connection_lost(self, code: int, reason: str) -> None:
+        if (sandbox := self._sandbox()) is not None:
+            sandbox.connection_lost(code, reason)
+
+
+def _abandon(spawn_detached: Spawn, transport: Transport) -> None:
+    """Run when a sandbox is collected while connected: drop its socket (the sandbox stays on the server)."""
+    logger.info("a sandbox was dropped without close() or kill(): closing its connection")
+    with contextlib.suppress(RuntimeError):  # the event loop is already gone: so is the socket
+        spawn_detached(transport.abort)
+
+
 class BaseSandbox:
     """A sandbox of the Cloud Run Sandbox service; see the runtime packages for construction.
 
@@ -197,16 +223,26 @@ class BaseSandbox:
         #: The reconnecting task, while one runs.
         self._reconnect_scope: anyio.CancelScope | None = None
         self._reconnect_done: Flag | None = None
+        #: Closes the socket if this object is collected without close() or kill().
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         #: Number of times the connection was re-established.
         self.reconnects = 0
 
     # ------------------------------------------------------------------
     # opening
 
-    async def _open(self, spawn: Spawn, clock: Callable[[], float], timeout: float | None) -> Self:
-        """Open the sandbox; ``clock`` is the event loop's (the transport calls back outside any task)."""
+    async def _open(
+        self, spawn: Spawn, clock: Callable[[], float], timeout: float | None, *, spawn_detached: Spawn
+    ) -> Self:
+        """Open the sandbox; ``clock`` is the event loop's (the transport calls back outside any task).
+
+        ``spawn_detached`` starts a task from any thread without holding this
+        object: a sandbox dropped without ``close()`` is collected, and its
+        socket is closed then, so it does not stay attached.
+        """
         if self._setup is not None:
             raise SandboxStateError("this sandbox object is already open")
+        self._finalizer = weakref.finalize(self, _abandon, spawn_detached, self._transport)
         self._spawn = spawn
         self._clock = clock
         self._setup = Outcome()
@@ -249,7 +285,7 @@ class BaseSandbox:
             return
         self._reading_paused = False
         assert self._spawn is not None
-        self._transport.start(self, self._spawn)
+        self._transport.start(_WeakReceiver(self), self._spawn)
         await self._flush()
 
     # ------------------------------------------------------------------
@@ -448,6 +484,8 @@ class BaseSandbox:
 
     async def _settle(self) -> None:
         """After the session ended: close the socket and stop reconnecting."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self._dispatch()
         if self._close_code is None and self._protocol.is_ended:
             self._close_code = 1000

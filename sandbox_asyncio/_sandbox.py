@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Literal, Unpack
@@ -54,8 +55,11 @@ class _Opening:
         self._timeout = timeout
 
     def __await__(self) -> Generator[Any, None, Sandbox]:
-        clock = asyncio.get_running_loop().time
-        return self._sandbox._open(self._sandbox._start_task, clock, self._timeout).__await__()
+        loop = asyncio.get_running_loop()
+        spawn_detached = functools.partial(_spawn_threadsafe, loop)
+        return self._sandbox._open(
+            self._sandbox._start_task, loop.time, self._timeout, spawn_detached=spawn_detached
+        ).__await__()
 
     async def __aenter__(self) -> Sandbox:
         return await self
@@ -69,6 +73,16 @@ class _Opening:
 #: asyncio keeps only weak references to tasks: ours are held here until they end
 #: (one set for every sandbox: a set per sandbox costs ~0.5 KiB each when idle).
 _tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn_threadsafe(loop: asyncio.AbstractEventLoop, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop.call_soon_threadsafe(_start_detached_task, loop, function)
+
+
+def _start_detached_task(loop: asyncio.AbstractEventLoop, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    task = loop.create_task(function())
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
 
 
 class Sandbox(BaseSandbox):

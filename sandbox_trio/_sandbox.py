@@ -7,8 +7,10 @@ sandbox that outlives a block takes the caller's: ``await Sandbox.create(url, nu
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Coroutine, Generator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Unpack
@@ -47,6 +49,16 @@ def _make_transport(transport: TransportName, options: AttachOptions) -> Websock
 
         return TrioWebsocketTransport(ping_interval=ping_interval, ping_timeout=ping_timeout)
     raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'trio-websocket'")
+
+
+def _spawn_threadsafe(
+    token: trio.lowlevel.TrioToken, nursery: trio.Nursery, function: Callable[[], Coroutine[Any, Any, None]]
+) -> None:
+    def start() -> None:
+        with contextlib.suppress(RuntimeError):  # the nursery is closed: its tasks are over already
+            nursery.start_soon(function)
+
+    token.run_sync_soon(start)
 
 
 class _Opening:
@@ -142,7 +154,9 @@ class Sandbox(BaseSandbox):
 
     async def _open_in(self, nursery: trio.Nursery, timeout: float | None) -> Sandbox:
         self._transport.nursery = nursery
-        return await self._open(nursery.start_soon, trio.current_time, timeout)
+        token = trio.lowlevel.current_trio_token()
+        spawn_detached = functools.partial(_spawn_threadsafe, token, nursery)
+        return await self._open(nursery.start_soon, trio.current_time, timeout, spawn_detached=spawn_detached)
 
     @classmethod
     def create(
