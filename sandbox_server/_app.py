@@ -77,6 +77,8 @@ AFFINITY_COOKIE = "SANDBOX_AFFINITY"
 _BATCH = 256
 #: How long a deletion waits for a stream to send its DONE.
 _STREAM_END_TIMEOUT = 5.0
+#: How long kill_process waits for the killed process to be gone before answering.
+_KILL_WAIT = 2.0
 
 
 _ws_logger = logging.getLogger("sandbox_server.websockets")
@@ -285,7 +287,7 @@ class _Connection:
         elif isinstance(request, StdinReceived | CloseStdinRequested):
             self._queue_stdin(sandbox, request)
         elif isinstance(request, KillProcessRequested):
-            self._kill_process(sandbox)
+            await self._kill_process(sandbox)
         elif isinstance(request, KillSandboxRequested):
             await self._kill_sandbox(sandbox)
         elif isinstance(request, ReconnectRequested):
@@ -322,7 +324,7 @@ class _Connection:
             return
         self.proto.stdin_accepted(request)
 
-    def _kill_process(self, sandbox: Sandbox) -> None:
+    async def _kill_process(self, sandbox: Sandbox) -> None:
         execution = sandbox.execution
         if execution is not None and execution.running and not sandbox.deleted:
             try:
@@ -331,6 +333,10 @@ class _Connection:
                 logger.warning("sandbox %s: kill failed: %s", sandbox.id, exc)
                 self.proto.send_status(Status.SANDBOX_EXECUTION_FORCE_KILL_ERROR)
                 return
+            # Upstream forgets the process at once, so an exec right behind the kill is accepted;
+            # here it must be gone first (frames are handled one at a time). SIGKILL takes ms.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(execution.finished.wait(), _KILL_WAIT)
         self.proto.send_status(Status.SANDBOX_EXECUTION_FORCE_KILLED)
 
     async def _kill_sandbox(self, sandbox: Sandbox) -> None:

@@ -42,6 +42,21 @@ async def test_kill_process_kills_the_whole_group_quickly(plain_local: LocalServ
     await wait_group_gone(pgid)
 
 
+async def test_exec_right_behind_a_kill_is_accepted(plain_local: LocalServer) -> None:
+    # Upstream forgets a killed process at once; a client that kills and then execs (as ours does
+    # for an exec whose start it never saw) must not be told an execution is still in progress.
+    wire = await Wire.create(plain_local.url, "extended")
+    await wire.send({"language": "bash", "code": "sleep 1000"})
+    await wire.expect(st("SANDBOX_EXECUTION_RUNNING"))
+    await wire.send({"action": "kill_process"})
+    await wire.send({"language": "bash", "code": "echo ok"})
+    texts = [await wire.text() for _ in range(3)]
+    assert sorted(texts[:2]) == sorted([st("SANDBOX_EXECUTION_FORCE_KILLED"), st("SANDBOX_EXECUTION_DONE")])
+    assert texts[2] == st("SANDBOX_EXECUTION_RUNNING")
+    result = await wire.collect()
+    assert result.stdout == "ok\n"
+
+
 async def test_five_megabytes_of_output_intact(any_local: LocalServer) -> None:
     wire = await Wire.create(any_local.url, any_local.protocol)
     code = "import sys\nline = ''.join(chr(48 + i % 75) for i in range(99)) + '\\n'\nsys.stdout.write(line * 50000)"
