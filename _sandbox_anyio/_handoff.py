@@ -149,6 +149,12 @@ class _HandoffConnection(Protocol):
 
     async def send(self, message: str) -> None: ...
 
+    def pause_reading(self) -> None:
+        """Stop reading the socket, and hold keepalive's verdict meanwhile."""
+        ...
+
+    def resume_reading(self) -> None: ...
+
 
 class WebsocketsTransportBase(ABC):
     """What the websockets transports of asyncio and trio share: options, errors, delivery."""
@@ -161,8 +167,17 @@ class WebsocketsTransportBase(ABC):
         ssl_module.SSLError,
     )
 
-    def __init__(self, library_logger: logging.Logger) -> None:
+    def __init__(
+        self,
+        library_logger: logging.Logger,
+        *,
+        ping_interval: float | None = PING_INTERVAL,
+        ping_timeout: float | None = PING_TIMEOUT,
+    ) -> None:
         self._logger = library_logger
+        #: Handed to websockets, whose keepalive (the runtimes' ``keepalive`` overrides) reads them.
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
         self._ws: _HandoffConnection | None = None
 
     @abstractmethod
@@ -176,8 +191,8 @@ class WebsocketsTransportBase(ABC):
         options: dict[str, Any] = {
             "additional_headers": headers,
             "open_timeout": timeout,
-            "ping_interval": PING_INTERVAL,
-            "ping_timeout": PING_TIMEOUT,
+            "ping_interval": self._ping_interval,
+            "ping_timeout": self._ping_timeout,
             "close_timeout": CLOSE_TIMEOUT,
             "max_size": MAX_MESSAGE_SIZE,
             "user_agent_header": USER_AGENT,
@@ -209,6 +224,14 @@ class WebsocketsTransportBase(ABC):
     def start(self, receiver: Receiver, spawn: Spawn) -> None:
         assert self._ws is not None
         self._ws.handoff.start(receiver)
+
+    def pause_reading(self) -> None:
+        assert self._ws is not None
+        self._ws.pause_reading()
+
+    def resume_reading(self) -> None:
+        assert self._ws is not None
+        self._ws.resume_reading()
 
     async def send(self, text: str) -> None:
         assert self._ws is not None

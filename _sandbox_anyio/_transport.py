@@ -77,7 +77,8 @@ class Transport(Protocol):
     Keepalive is the transport's own: each takes ``ping_interval`` and ``ping_timeout`` in
     its constructor, and a connection whose pong does not come within ``ping_timeout`` is
     dropped at once and reported to :meth:`Receiver.connection_lost` (1011 or 1006), without
-    waiting for a closing handshake that a vanished peer would never answer.
+    waiting for a closing handshake that a vanished peer would never answer. Not while
+    :meth:`pause_reading` is in effect, though (see :class:`ReadingGate`).
     """
 
     cancel_safe_send: bool
@@ -103,7 +104,11 @@ class Transport(Protocol):
         ...
 
     def pause_reading(self) -> None:
-        """Stop reading the socket (back-pressure) until :meth:`resume_reading`."""
+        """Stop reading the socket (back-pressure) until :meth:`resume_reading`.
+
+        Meanwhile keepalive declares nothing dead (an unread pong proves nothing); it starts
+        a fresh ping/timeout cycle once reading resumes.
+        """
         ...
 
     def resume_reading(self) -> None: ...
@@ -117,12 +122,49 @@ class Transport(Protocol):
         ...
 
 
+class ReadingGate:
+    """Whether the socket is being read, as keepalive needs to know.
+
+    While the driver holds reading paused (back-pressure), a pong waits unread
+    behind the output nobody reads: a missed pong then says nothing about the
+    peer. Keepalive sends no ping while paused, and gives no verdict on a ping
+    whose wait saw a pause; once reading resumes it starts a fresh cycle.
+    """
+
+    __slots__ = ("_pauses", "_resumed", "paused")
+
+    def __init__(self) -> None:
+        self.paused = False
+        #: Pauses so far: a cycle that began at another count saw one.
+        self._pauses = 0
+        self._resumed = Wakeup()
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self._pauses += 1
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
+
+    async def wait_reading(self) -> int:
+        """Wait until reading is not paused; return a mark for :meth:`paused_since`."""
+        while self.paused:
+            await self._resumed.wait()
+        return self._pauses
+
+    def paused_since(self, mark: int) -> bool:
+        """Whether reading is paused now or was paused since :meth:`wait_reading` gave ``mark``."""
+        return self.paused or self._pauses != mark
+
+
 class PullTransport(ABC):
     """A :class:`Transport` for libraries that only offer ``recv()``: a task reads and delivers."""
 
     def __init__(self) -> None:
-        self._paused = False
-        self._resumed = Wakeup()
+        #: Paused by the driver; a subclass's keepalive asks it before calling a peer dead.
+        self._reading = ReadingGate()
 
     @abstractmethod
     async def recv(self) -> str | bytes:
@@ -132,7 +174,7 @@ class PullTransport(ABC):
     async def abort(self) -> None: ...
 
     def start(self, receiver: Receiver, spawn: Spawn) -> None:
-        self._paused = False
+        self._reading.resume()  # a new connection: whatever paused the last one is over
         spawn(functools.partial(self._pump, receiver))
 
     async def _pump(self, receiver: Receiver) -> None:
@@ -148,15 +190,13 @@ class PullTransport(ABC):
                 receiver.connection_lost(1006, f"transport failed: {type(exc).__name__}")
                 return
             receiver.message_received(message)
-            while self._paused:
-                await self._resumed.wait()
+            await self._reading.wait_reading()
 
     def pause_reading(self) -> None:
-        self._paused = True
+        self._reading.pause()
 
     def resume_reading(self) -> None:
-        self._paused = False
-        self._resumed.set()
+        self._reading.resume()
 
 
 def default_ssl_context(url: str, ssl: ssl_module.SSLContext | None) -> ssl_module.SSLContext | None:

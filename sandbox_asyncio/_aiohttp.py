@@ -14,7 +14,8 @@ when the last sandbox using it closes its connection.
 
 Keepalive is aiohttp's ``heartbeat``: a ping after ``ping_interval`` seconds
 without incoming data, the connection dropped (1006) when nothing comes back
-within ``ping_timeout`` (aiohttp itself would allow half the interval).
+within ``ping_timeout`` (aiohttp itself would allow half the interval). It is
+switched off while the driver pauses reading, and re-armed when it resumes.
 """
 
 from __future__ import annotations
@@ -184,6 +185,27 @@ class AiohttpTransport(PullTransport):
             # when the ping is sent, and none is sent before the interval, so in time).
             ws._pong_heartbeat = self._ping_timeout if self._ping_timeout is not None else _NO_PONG_LIMIT
         return ws
+
+    def pause_reading(self) -> None:
+        super().pause_reading()
+        ws = self._ws
+        if ws is not None and self._ping_interval is not None:
+            # Once aiohttp's queue is full it stops reading the socket, and a pong would wait
+            # unread behind our held messages: no ping, no pong deadline until reading resumes.
+            # aiohttp has no switch for this. ``_heartbeat = None`` is how it runs without a
+            # heartbeat (its timers and its data callback check it first), and
+            # ``_cancel_heartbeat()`` is what its own close calls; a ping already being written
+            # is not torn, as aiohttp writes a whole frame before its first await.
+            ws._heartbeat = None
+            ws._cancel_heartbeat()
+
+    def resume_reading(self) -> None:
+        ws = self._ws
+        if ws is not None and self._ping_interval is not None and not (ws.closed or ws._closing):
+            ws._heartbeat = self._ping_interval
+            # A fresh cycle: a ping after an interval without data, as after connecting.
+            ws._reset_heartbeat()
+        super().resume_reading()
 
     async def send(self, text: str) -> None:
         assert self._ws is not None

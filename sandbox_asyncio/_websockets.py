@@ -2,7 +2,8 @@
 
 Messages go from websockets' parser to the driver inside ``data_received``
 (see ``_sandbox_anyio._handoff``): no queue, no reader task. Keepalive is
-websockets' own, except that an unanswered ping drops the connection at once.
+websockets' own, except that an unanswered ping drops the connection at once,
+and that it holds its verdict while the driver pauses reading (back-pressure).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from websockets.frames import CloseCode, Frame
 from websockets.protocol import Event, State
 
 from _sandbox_anyio import PING_INTERVAL, PING_TIMEOUT, Handoff, WebsocketsTransportBase
+from _sandbox_anyio._transport import ReadingGate
 from sandbox_proto import RedactingFilter
 
 #: Handed to websockets, whose debug log shows request lines and frames with the token.
@@ -30,6 +32,7 @@ class _Connection(ClientConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.handoff = Handoff(self.protocol)
+        self.reading = ReadingGate()
 
     def process_event(self, event: Event) -> None:
         if self.response is None or not isinstance(event, Frame) or not self.handoff.take(event):
@@ -42,19 +45,34 @@ class _Connection(ClientConnection):
         super().connection_lost(exc)
         self.handoff.lost(self.protocol.close_exc)
 
+    def pause_reading(self) -> None:
+        self.reading.pause()
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+        self.reading.resume()
+
     async def keepalive(self) -> None:
         """websockets' keepalive, but a ping left unanswered drops the connection at once.
 
         websockets would start a closing handshake and wait ``close_timeout`` for a peer
         that is gone; and the ping's own write counts against ``ping_timeout``, since a
         full send buffer (the peer reads nothing) would otherwise hold it forever.
+
+        While reading is paused no ping is sent and no pong is missed (see
+        :class:`ReadingGate`); a fresh cycle starts once it resumes.
         """
         assert self.ping_interval is not None
         latency = 0.0
         try:
             while True:
+                mark = await self.reading.wait_reading()
                 # A pong later than the interval (but in time) delays the next ping, as in websockets.
                 await asyncio.sleep(max(self.ping_interval - latency, 0))
+                latency = 0.0
+                if self.reading.paused_since(mark):
+                    continue  # its pong could not be read before reading resumes
                 if self.ping_timeout is None:
                     await self.ping()
                     continue
@@ -63,6 +81,8 @@ class _Connection(ClientConnection):
                         pong_received = await self.ping()
                         latency = await pong_received
                 except TimeoutError:
+                    if self.reading.paused_since(mark):
+                        continue  # the pong may be waiting unread behind the held output
                     if self.debug:
                         self.logger.debug("- timed out waiting for keepalive pong")
                     if self.protocol.state is State.OPEN:
@@ -84,23 +104,12 @@ class WebsocketsTransport(WebsocketsTransportBase):
     def __init__(
         self, *, ping_interval: float | None = PING_INTERVAL, ping_timeout: float | None = PING_TIMEOUT
     ) -> None:
-        super().__init__(library_logger)
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
+        super().__init__(library_logger, ping_interval=ping_interval, ping_timeout=ping_timeout)
 
     async def _open(self, url: str, options: dict[str, Any]) -> _Connection:
-        options = {**options, "ping_interval": self._ping_interval, "ping_timeout": self._ping_timeout}
         ws = await connect(url, create_connection=_Connection, **options)
         assert isinstance(ws, _Connection)
         return ws
-
-    def pause_reading(self) -> None:
-        assert self._ws is not None
-        self._ws.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        assert self._ws is not None
-        self._ws.transport.resume_reading()
 
     async def close(self, code: int = 1000) -> None:
         if self._ws is not None:

@@ -2,7 +2,8 @@
 
 trio-websocket sends no keepalive pings, so this transport runs its own
 (``ping_interval``/``ping_timeout``, as the other transports) in the sandbox's
-nursery, where the library's connection tasks also run.
+nursery, where the library's connection tasks also run. Like the others, it
+holds its verdict while the driver pauses reading (back-pressure).
 """
 
 from __future__ import annotations
@@ -130,7 +131,12 @@ class TrioWebsocketTransport(PullTransport):
     ) -> None:
         with scope:
             while ws.closed is None:
+                # No ping while reading is paused: its pong would wait unread behind the held
+                # messages (trio-websocket stops reading once its queue is full). See ReadingGate.
+                mark = await self._reading.wait_reading()
                 await trio.sleep(interval)
+                if self._reading.paused_since(mark):
+                    continue  # a fresh cycle once reading resumes
                 # ping() sends and then waits for the pong: the send counts against the answer time,
                 # since a full send buffer (the peer reads nothing) would otherwise hold it forever.
                 with trio.move_on_after(math.inf if self._ping_timeout is None else self._ping_timeout) as waiting:
@@ -139,6 +145,8 @@ class TrioWebsocketTransport(PullTransport):
                     except ConnectionClosed:
                         return
                 if waiting.cancelled_caught:
+                    if self._reading.paused_since(mark):
+                        continue  # the pong may be waiting unread behind the held messages
                     # No closing handshake: trio-websocket's aclose() would wait for a reply without
                     # limit (and TLS's close_notify could wait on a full buffer). Closing the socket
                     # ends the connection; recv() then reports 1006.

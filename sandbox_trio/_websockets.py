@@ -5,7 +5,8 @@ connection's own reading task (see ``_sandbox_anyio._handoff``). The
 connection's tasks (reading, keepalive) run in the sandbox's nursery;
 websockets catches and logs their errors, so none reaches the nursery.
 Keepalive is websockets' own, except that an unanswered ping drops the
-connection at once.
+connection at once, and that it holds its verdict while the driver pauses
+reading (back-pressure).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from websockets.protocol import Event, State
 from websockets.trio.client import ClientConnection, connect
 
 from _sandbox_anyio import CLOSE_TIMEOUT, PING_INTERVAL, PING_TIMEOUT, Handoff, WebsocketsTransportBase
+from _sandbox_anyio._transport import ReadingGate
 from sandbox_proto import RedactingFilter
 
 #: Handed to websockets, whose debug log shows request lines and frames with the token.
@@ -75,6 +77,7 @@ class _Connection(ClientConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # its reading task starts later, at a checkpoint
         self.handoff = Handoff(self.protocol)
+        self.reading = ReadingGate()
 
     def process_event(self, event: Event) -> None:
         if self.response is None or not isinstance(event, Frame) or not self.handoff.take(event):
@@ -90,7 +93,16 @@ class _Connection(ClientConnection):
 
     async def close_stream(self) -> None:
         await super().close_stream()
+        self.reading.resume()  # nothing more is read: a keepalive waiting for reading sees the end
         self.handoff.lost(self.protocol.close_exc)
+
+    def pause_reading(self) -> None:
+        self.reading.pause()
+        super().pause_reading()
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        self.reading.resume()
 
     async def keepalive(self) -> None:
         """websockets' keepalive, but a ping left unanswered drops the connection at once.
@@ -98,14 +110,20 @@ class _Connection(ClientConnection):
         websockets would start a closing handshake and wait ``close_timeout`` for a peer
         that is gone; and the ping's own write counts against ``ping_timeout``, since a
         full send buffer (the peer reads nothing) would otherwise hold it forever.
+
+        While reading is paused no ping is sent and no pong is missed (see
+        :class:`ReadingGate`); a fresh cycle starts once it resumes.
         """
         assert self.ping_interval is not None
         try:
             while True:
+                mark = await self.reading.wait_reading()
                 # A pong later than the interval (but in time) delays the next ping, as in websockets.
                 with trio.move_on_after(max(self.ping_interval - self.latency, 0)):
                     await self.stream_closed.wait()
                     return
+                if self.reading.paused_since(mark):
+                    continue  # its pong could not be read before reading resumes
                 if self.ping_timeout is None:
                     await self.ping()
                     continue
@@ -113,6 +131,8 @@ class _Connection(ClientConnection):
                     pong_received = await self.ping(ack_on_close=True)
                     await pong_received.wait()
                 if waiting.cancelled_caught:
+                    if self.reading.paused_since(mark):
+                        continue  # the pong may be waiting unread behind the held output
                     if self.debug:
                         self.logger.debug("- timed out waiting for keepalive pong")
                     if self.protocol.state is State.OPEN:
@@ -136,26 +156,15 @@ class WebsocketsTransport(WebsocketsTransportBase):
     def __init__(
         self, *, ping_interval: float | None = PING_INTERVAL, ping_timeout: float | None = PING_TIMEOUT
     ) -> None:
-        super().__init__(library_logger)
+        super().__init__(library_logger, ping_interval=ping_interval, ping_timeout=ping_timeout)
         #: Set by the sandbox before connecting: where the connection's tasks run.
         self.nursery: trio.Nursery | None = None
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
 
     async def _open(self, url: str, options: dict[str, Any]) -> _Connection:
         assert self.nursery is not None
-        options = {**options, "ping_interval": self._ping_interval, "ping_timeout": self._ping_timeout}
         ws = await _connect(url, create_connection=_Connection, **options).connect(self.nursery)
         assert isinstance(ws, _Connection)
         return ws
-
-    def pause_reading(self) -> None:
-        assert self._ws is not None
-        self._ws.pause_reading()
-
-    def resume_reading(self) -> None:
-        assert self._ws is not None
-        self._ws.resume_reading()
 
     async def close(self, code: int = 1000) -> None:
         if self._ws is not None:
