@@ -8,6 +8,7 @@ from ._buffer import OutputBudget, OutputBuffer
 from ._client import (
     CALL_TABLE,
     EXT_CLOSE_STDIN,
+    EXT_EXEC_REF,
     EXT_EXIT_CODE,
     EXT_SEQ,
     EXT_STDIN_SEQ,
@@ -113,6 +114,7 @@ __all__ = [
     "CALL_TABLE",
     "ERROR_FRAME_STATUSES",
     "EXT_CLOSE_STDIN",
+    "EXT_EXEC_REF",
     "EXT_EXIT_CODE",
     "EXT_SEQ",
     "EXT_STDIN_SEQ",

@@ -91,6 +91,7 @@ EXT_EXIT_CODE = "exit_code"
 EXT_SEQ = "seq"
 EXT_CLOSE_STDIN = "close_stdin"
 EXT_STDIN_SEQ = "stdin_seq"
+EXT_EXEC_REF = "exec_ref"
 
 _EXTENSION_SETS: dict[tuple[str, ...], frozenset[str]] = {}
 
@@ -676,8 +677,9 @@ class ClientProtocol:
 
     def _resolve_unanswered_exec(self, conn: Connection, proc: Exec) -> None:
         """The exec request may have reached the server, but no reply did: never leave an orphan."""
-        if EXT_SEQ in self.extensions:
-            # Our server answers a reconnect with the exec's stream if it runs, else with one DONE.
+        if EXT_EXEC_REF in self.extensions:
+            # Our server answers a reconnect with the stream of the exec that runs, named by the
+            # ref its request carried (so another client's exec is not taken for ours), else one DONE.
             conn.adopting = True
             self._send(ReconnectRequest(self._last_seq, stdin_seq=EXT_STDIN_SEQ in self.extensions))
             return
@@ -773,6 +775,9 @@ class ClientProtocol:
             return
         self._checkpoint = Wire.NONE
         self.state = SandboxState.CHECKPOINTED
+        # Saved, not deleted: a kill still on its way did not happen.
+        self._sandbox_survives = True
+        self._leaving_reason = self._leaving_reason or "the sandbox was checkpointed"
         self._emit(CheckpointDone(None))
         self._end(None)
         self._emit(CloseConnection(1000))
@@ -804,7 +809,13 @@ class ClientProtocol:
                 self._debug("ignoring %s with no active process", status)
             return
         if proc.state is ProcessState.STARTING:
-            if status is Status.SANDBOX_EXECUTION_RUNNING:
+            if status is Status.SANDBOX_EXECUTION_RUNNING and conn.adopting and frame.ref != proc.ref:
+                # The stream of another exec (another client's, or one we gave up on): had our
+                # request arrived while it ran, it would have been refused.
+                conn.adopting = False
+                err = SandboxConnectionError("the connection was lost before the exec started; it did not run")
+                self._finish(proc, ExecRejected(proc.exec_id, err))
+            elif status is Status.SANDBOX_EXECUTION_RUNNING:
                 self._started(conn, proc)
             elif status in (Status.SANDBOX_EXECUTION_ERROR, Status.SANDBOX_EXECUTION_UNSUPPORTED_LANGUAGE_ERROR):
                 conn.expect_error_frame(status, "exec")
@@ -914,7 +925,7 @@ class ClientProtocol:
     def exec(self, language: str, code: str) -> int:
         """Start an exec; returns its id. Held while reconnecting, or behind an abandoned exec."""
         verdict = self._verdict(Call.EXEC)
-        proc = Exec(self._next_exec_id, ExecRequest(language, code))
+        proc = Exec(self._next_exec_id, ExecRequest(language, code), f"{self._rng.getrandbits(64):016x}")
         active = self._process
         if active is not None and active.active:
             if not active.abandoned or self._queued_exec is not None:
@@ -931,7 +942,10 @@ class ClientProtocol:
 
     def _hand_exec(self, proc: Exec) -> None:
         proc.request = Wire.HANDED
-        self._send(proc.exec_request, ("exec", proc, None))
+        request = proc.exec_request
+        if EXT_EXEC_REF in self.extensions:
+            request = ExecRequest(request.language, request.code, proc.ref)
+        self._send(request, ("exec", proc, None))
 
     def abandon_exec(self, exec_id: int) -> None:
         """The caller stopped waiting for the exec to start: kill it once it starts, keep the sandbox."""

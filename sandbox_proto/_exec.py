@@ -48,6 +48,7 @@ class Exec:
         "kill",
         "next_stdin_seq",
         "pending",
+        "ref",
         "request",
         "state",
         "stdin_closed",
@@ -55,9 +56,11 @@ class Exec:
         "unnumbered_handed",
     )
 
-    def __init__(self, exec_id: int, exec_request: ExecRequest) -> None:
+    def __init__(self, exec_id: int, exec_request: ExecRequest, ref: str) -> None:
         self.exec_id = exec_id
         self.exec_request = exec_request
+        #: The name sent with the request where ``exec_ref`` is granted, to know its stream again.
+        self.ref = ref
         self.state = ProcessState.STARTING
         self.request = Wire.HELD
         self.kill = Wire.NONE

@@ -38,6 +38,8 @@ class InitRequest:
 class ExecRequest:
     language: str
     code: str
+    #: Extension ``exec_ref``: a name the client chose for this exec (omitted when ``None``).
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,8 @@ class StatusFrame:
     extensions: tuple[str, ...] | None = None
     #: Extension ``exit_code`` on ``SANDBOX_EXECUTION_DONE``.
     exit_code: int | None = None
+    #: Extension ``exec_ref`` on ``SANDBOX_EXECUTION_RUNNING``: the exec it is about.
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +189,9 @@ def encode_client_frame(frame: ClientFrame) -> str:
             init["enable_sandbox_handoff"] = True
         return _dumps(init)
     if isinstance(frame, ExecRequest):
-        return _dumps({"language": frame.language, "code": frame.code})
+        if frame.ref is None:
+            return _dumps({"language": frame.language, "code": frame.code})
+        return _dumps({"language": frame.language, "code": frame.code, "ref": frame.ref})
     if isinstance(frame, StdinRequest):
         if frame.seq is None:
             return _dumps({"event": "stdin", "data": frame.data})
@@ -214,6 +220,8 @@ def encode_server_frame(frame: ServerFrame) -> str:
             obj["extensions"] = list(frame.extensions)
         if frame.exit_code is not None:
             obj["exit_code"] = frame.exit_code
+        if frame.ref is not None:
+            obj["ref"] = frame.ref
         return _dumps(obj)
     if isinstance(frame, OutputFrame):
         if frame.seq is None:
@@ -298,7 +306,10 @@ def decode_server_object(value: Any) -> ServerFrame:
             if not isinstance(extensions, list) or not all(isinstance(e, str) for e in extensions):
                 raise RemoteProtocolError("'extensions' must be a list of strings")
             extensions = tuple(extensions)
-        return StatusFrame(status, extensions, _optional_int(obj, "exit_code"))
+        ref = obj.get("ref")
+        if ref is not None and not isinstance(ref, str):
+            raise RemoteProtocolError("'ref' must be a string")
+        return StatusFrame(status, extensions, _optional_int(obj, "exit_code"), ref)
     if event == "stdout" or event == "stderr":
         return OutputFrame(event, _required_str(obj, "data"), _optional_int(obj, "seq"))
     if event == "sandbox_id":

@@ -36,7 +36,10 @@ from ._frames import (
 from ._status import Status
 
 SUPPORTED_LANGUAGES = ("python", "bash")
-ALL_EXTENSIONS = ("exit_code", "seq", "close_stdin", "stdin_seq")
+EXT_EXEC_REF = "exec_ref"
+ALL_EXTENSIONS = ("exit_code", "seq", "close_stdin", "stdin_seq", EXT_EXEC_REF)
+#: Longest exec name (``exec_ref``) the server keeps.
+MAX_EXEC_REF = 64
 #: Extension ``stdin_seq``: acknowledge after this many numbered stdin frames...
 STDIN_ACK_FRAMES = 16
 #: ...or this many bytes of their data, so that what a client keeps for a resend stays bounded.
@@ -92,6 +95,8 @@ class CreateOptions:
 class ExecRequested:
     language: str
     code: str
+    #: Extension ``exec_ref``: the client's name for this exec, echoed on its ``SANDBOX_EXECUTION_RUNNING``.
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +220,8 @@ class ExecutionView:
     exit_code: int | None = None
     #: The sandbox is deleted: its exec is over, whatever its output log still holds.
     sandbox_deleted: bool = False
+    #: The client's name for the exec (extension ``exec_ref``).
+    ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +424,10 @@ class ServerProtocol:
             self.reject_exec(Status.SANDBOX_EXECUTION_ERROR, MSG_ALREADY_RUNNING)
             return None
         assert isinstance(language, str)
-        return ExecRequested(language, code)
+        ref = obj.get("ref") if EXT_EXEC_REF in self.extensions else None
+        if not isinstance(ref, str) or not 0 < len(ref) <= MAX_EXEC_REF:
+            ref = None  # a malformed name only costs the client the disambiguation
+        return ExecRequested(language, code, ref)
 
     def reject_exec(self, status: Status, message: str) -> None:
         """An exec-start error, then DONE if and only if nothing is running (7.3.5)."""
@@ -428,9 +438,10 @@ class ServerProtocol:
     # ------------------------------------------------------------------
     # the process, as the server reports it
 
-    def exec_started(self) -> None:
+    def exec_started(self, ref: str | None = None) -> None:
+        """``SANDBOX_EXECUTION_RUNNING``, naming the exec (``exec_ref``) where granted."""
         self.process = ProcessPhase.RUNNING
-        self.send_status(Status.SANDBOX_EXECUTION_RUNNING)
+        self.send(StatusFrame(Status.SANDBOX_EXECUTION_RUNNING, ref=ref if EXT_EXEC_REF in self.extensions else None))
 
     def send_output(self, stream: Stream, data: str, seq: int | None = None) -> None:
         self.send(OutputFrame(stream, data, seq if "seq" in self.extensions else None))
@@ -551,5 +562,6 @@ class ServerProtocol:
         return ReconnectDone(done_delivered=True)
 
     def _resume(self, execution: ExecutionView, resume: int, *, report_gaps: bool) -> ResumeStream:
-        self.exec_started()  # the duplicate RUNNING upstream clients expect
+        # The duplicate RUNNING upstream clients expect; its ref says whose stream this is.
+        self.exec_started(execution.ref)
         return ResumeStream(max(resume, execution.first_seq - 1), report_gaps)

@@ -299,12 +299,12 @@ class _Connection:
 
     async def _exec(self, sandbox: Sandbox, request: ExecRequested) -> None:
         try:
-            execution = await sandbox.start_exec(request.language, request.code)
+            execution = await sandbox.start_exec(request.language, request.code, ref=request.ref)
         except ExecutionStartError as exc:
             self.proto.reject_exec(Status.SANDBOX_EXECUTION_ERROR, str(exc))
             return
         await self._stop_forwarder()
-        self.proto.exec_started()
+        self.proto.exec_started(request.ref)
         await self.flush()
         self._stream(execution, execution.first_seq - 1, report_gaps=False)
 

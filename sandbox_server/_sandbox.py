@@ -236,7 +236,9 @@ class _ExecProtocol(asyncio.SubprocessProtocol):
 class Execution:
     """One exec: a process, its decoders, and where its output frames start and end."""
 
-    def __init__(self, sandbox: Sandbox, language: str) -> None:
+    def __init__(self, sandbox: Sandbox, language: str, ref: str | None = None) -> None:
+        #: The client's name for this exec (extension ``exec_ref``), echoed when its stream is resumed.
+        self.ref = ref
         self.sandbox = sandbox
         self.language = language
         self.first_seq = sandbox.log.next_seq
@@ -290,6 +292,7 @@ class Execution:
             stdin_seq=self.stdin_seq,
             exit_code=self.exit_code,
             sandbox_deleted=sandbox.deleted,
+            ref=self.ref,
         )
 
     async def start(self, command: Command, cwd: Path) -> None:
@@ -629,7 +632,7 @@ class Sandbox:
             and now - self.last_activity > (timeout or 0)
         )
 
-    async def start_exec(self, language: str, code: str) -> Execution:
+    async def start_exec(self, language: str, code: str, *, ref: str | None = None) -> Execution:
         if self.deleted or self.checkpointing:
             state = "SandboxState.CHECKPOINTING" if not self.deleted else STOPPED_STATE
             raise ExecutionStartError(
@@ -652,7 +655,7 @@ class Sandbox:
         # Output of an earlier exec that nobody streamed is given up for good
         # (still replayable by seq until evicted).
         self.log.mark_delivered(self.log.last_seq)
-        execution = Execution(self, language)
+        execution = Execution(self, language, ref)
         try:
             # User code may have removed its own directory; give it a fresh one rather than fail.
             if not self.directory.is_dir():

@@ -834,25 +834,32 @@ class TestReconnect:
         feed(client, RUNNING)
         assert ExecStarted(next_id) in client.events()
 
-    @pytest.mark.parametrize("started", [True, False])
-    def test_exec_unanswered_at_drop_is_adopted_with_seq(self, started: bool) -> None:
-        client = created(auto_reconnect=True, extensions=["seq"])
+    @pytest.mark.parametrize("outcome", ["ours", "another", "none"])
+    def test_exec_unanswered_at_drop_is_asked_about_with_exec_ref(self, outcome: str) -> None:
+        extensions = ["exec_ref", "seq"]
+        client = created(auto_reconnect=True, extensions=extensions)
         exec_id = client.exec("python", "x")
-        client.data_to_send()
+        (request,) = sent(client)
+        assert request["code"] == "x" and isinstance(request["ref"], str)
         dropped(client)
         client.connection_opened()
-        feed(client, ST("SANDBOX_RUNNING", extensions=["seq"]))
+        feed(client, ST("SANDBOX_RUNNING", extensions=extensions))
         assert sent(client) == [{"action": "reconnect", "last_seq": 0}]
-        if started:
-            feed(client, RUNNING, OUT("stdout", "hi", seq=1), DONE)
+        if outcome == "ours":
+            feed(client, ST("SANDBOX_EXECUTION_RUNNING", ref=request["ref"]), OUT("stdout", "hi", seq=1), DONE)
             events = client.events()
             assert ExecStarted(exec_id) in events
             assert Output(exec_id, "stdout", "hi") in events
             assert of_type(events, ProcessEnded) == [ProcessEnded(exec_id, None, None)]
+            return
+        if outcome == "another":  # another client's exec runs: its stream is not ours
+            feed(client, ST("SANDBOX_EXECUTION_RUNNING", ref="someone-else"), OUT("stdout", "theirs", seq=1))
         else:
             feed(client, DONE)  # our server's answer when nothing runs (S1)
-            (rejected,) = of_type(client.events(), ExecRejected)
-            assert isinstance(rejected.error, SandboxConnectionError)
+        events = client.events()
+        (rejected,) = of_type(events, ExecRejected)
+        assert isinstance(rejected.error, SandboxConnectionError)
+        assert not of_type(events, Output)
 
     def test_exec_never_sent_is_sent_after_the_reconnect(self) -> None:
         client = created(auto_reconnect=True)

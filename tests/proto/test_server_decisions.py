@@ -57,7 +57,8 @@ def ACK(seq: int) -> str:
 
 SEQ_ERROR = [ST("SANDBOX_STDIN_ERROR"), ERR("Invalid stdin message format. 'seq' must be a positive integer.")]
 RUNNING_ALL = (
-    '{"event":"status_update","status":"SANDBOX_RUNNING","extensions":["close_stdin","exit_code","seq","stdin_seq"]}'
+    '{"event":"status_update","status":"SANDBOX_RUNNING",'
+    '"extensions":["close_stdin","exec_ref","exit_code","seq","stdin_seq"]}'
 )
 
 

@@ -39,7 +39,7 @@ from sandbox_proto import (
 URL = "http://127.0.0.1:1"
 ID = "sb-1"
 TOKEN = "tok-secret"
-ALL_EXT = ["close_stdin", "exit_code", "seq", "stdin_seq"]
+ALL_EXT = ["close_stdin", "exec_ref", "exit_code", "seq", "stdin_seq"]
 
 
 def ST(status: str, **extra: Any) -> str:

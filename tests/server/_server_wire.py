@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 EXTENSION_KEYS = {
     "extensions": ("status_update",),
     "exit_code": ("status_update",),
+    "ref": ("status_update",),
     "seq": ("output", "stdin_ack"),
 }
 TIMEOUT = 10.0
@@ -106,7 +107,7 @@ class Wire:
                 assert kind in where, raw
         if self.protocol == "extended":
             if obj.get("status") == "SANDBOX_RUNNING":
-                assert obj.get("extensions") == ["close_stdin", "exit_code", "seq", "stdin_seq"], raw
+                assert obj.get("extensions") == ["close_stdin", "exec_ref", "exit_code", "seq", "stdin_seq"], raw
             if kind == "output":
                 assert isinstance(obj.get("seq"), int), raw
         for key in EXTENSION_KEYS:

@@ -20,7 +20,8 @@ from sandbox_server import LocalServer
 pytestmark = pytest.mark.anyio
 
 RUNNING_EXTENDED = (
-    '{"event":"status_update","status":"SANDBOX_RUNNING","extensions":["close_stdin","exit_code","seq","stdin_seq"]}'
+    '{"event":"status_update","status":"SANDBOX_RUNNING",'
+    '"extensions":["close_stdin","exec_ref","exit_code","seq","stdin_seq"]}'
 )
 EXEC_RUNNING = st("SANDBOX_EXECUTION_RUNNING")
 #: Prints every line it reads, as it reads it, until end-of-file.
@@ -261,3 +262,19 @@ async def test_stop_finishes_with_stdin_queued_for_a_process_that_never_reads(tm
             await server.stop()
         assert execution.finished.is_set()
         assert writer.done()
+
+
+# -- exec_ref: the exec a RUNNING is about ----------------------------------------
+
+
+async def test_exec_ref_is_echoed_on_running_and_on_the_reconnect_reply(local: LocalServer) -> None:
+    first = await create(local)
+    await first.send({"language": "python", "code": ECHO, "ref": "mine-1"})
+    ran = '{"event":"status_update","status":"SANDBOX_EXECUTION_RUNNING","ref":"mine-1"}'
+    assert await first.recv_raw() == (ran if local.protocol == "extended" else EXEC_RUNNING)
+    first.ws.transport.abort()
+    second = await reattach(local, first)
+    await second.send({"action": "reconnect"})
+    # The reply names whose stream it resumes, so a client whose own exec was lost does not take it.
+    assert await second.recv_raw() == (ran if local.protocol == "extended" else EXEC_RUNNING)
+    await second.send({"action": "kill_process"})
