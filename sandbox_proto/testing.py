@@ -44,6 +44,7 @@ from ._frames import (
     ServerFrame,
     SnapshotRequest,
     StatusFrame,
+    StdinAckFrame,
     StdinRequest,
     UnknownFrame,
     encode_client_frame,
@@ -71,12 +72,13 @@ __all__ = [
     "snapshot_requests",
     "status_frames",
     "statuses",
+    "stdin_ack_frames",
     "stdin_requests",
     "unknown_frames",
 ]
 
 #: Server ``event`` values this library understands; anything else decodes to :class:`UnknownFrame`.
-_KNOWN_EVENTS = frozenset({"status_update", "sandbox_id", "stdout", "stderr", "error", "output_gap"})
+_KNOWN_EVENTS = frozenset({"status_update", "sandbox_id", "stdout", "stderr", "error", "output_gap", "stdin_ack"})
 
 # Output text: any Unicode the JSON codec can carry, including control characters and
 # astral-plane characters; lone surrogates are excluded because they are not UTF-8.
@@ -144,8 +146,16 @@ def exec_requests(*, languages: st.SearchStrategy[str] | None = None) -> st.Sear
     return st.builds(ExecRequest, languages or st.sampled_from(["python", "bash"]), _text)
 
 
-def stdin_requests() -> st.SearchStrategy[StdinRequest]:
-    return st.builds(StdinRequest, _text)
+# Stdin numbers (extension stdin_seq): per exec from 1; small ones most of the time, so runs repeat them.
+_stdin_seqs = st.integers(min_value=1, max_value=8) | st.integers(min_value=1, max_value=2**31)
+
+
+def stdin_requests(*, extended: bool = False) -> st.SearchStrategy[StdinRequest]:
+    """Stdin messages; with ``extended``, some carry a ``seq`` (extension ``stdin_seq``)."""
+    seqs: st.SearchStrategy[int | None] = st.none()
+    if extended:
+        seqs = seqs | _stdin_seqs
+    return st.builds(StdinRequest, _text, seqs)
 
 
 def snapshot_requests() -> st.SearchStrategy[SnapshotRequest]:
@@ -153,10 +163,11 @@ def snapshot_requests() -> st.SearchStrategy[SnapshotRequest]:
 
 
 def reconnect_requests(*, extended: bool = True) -> st.SearchStrategy[ReconnectRequest]:
-    """``reconnect`` actions; with ``extended``, some carry ``last_seq`` (extension ``seq``)."""
+    """``reconnect`` actions; with ``extended``, some carry ``last_seq`` (extension ``seq``) and
+    ``"stdin_seq": true`` (extension ``stdin_seq``: the reply starts with a ``stdin_ack``)."""
     if not extended:
         return st.just(ReconnectRequest())
-    return st.builds(ReconnectRequest, st.none() | st.integers(min_value=0, max_value=2**31))
+    return st.builds(ReconnectRequest, st.none() | st.integers(min_value=0, max_value=2**31), st.booleans())
 
 
 def client_frames(*, extended: bool = True) -> st.SearchStrategy[ClientFrame]:
@@ -164,7 +175,7 @@ def client_frames(*, extended: bool = True) -> st.SearchStrategy[ClientFrame]:
     frames: list[st.SearchStrategy[ClientFrame]] = [
         init_requests(),
         exec_requests(),
-        stdin_requests(),
+        stdin_requests(extended=extended),
         st.just(KillProcessRequest()),
         st.just(KillSandboxRequest()),
         st.just(CheckpointRequest()),
@@ -172,7 +183,7 @@ def client_frames(*, extended: bool = True) -> st.SearchStrategy[ClientFrame]:
         reconnect_requests(extended=extended),
     ]
     if extended:
-        frames.append(st.just(CloseStdinRequest()))
+        frames.append(st.builds(CloseStdinRequest, st.none() | _stdin_seqs))
     return st.one_of(frames)
 
 
@@ -231,6 +242,11 @@ def output_gap_frames() -> st.SearchStrategy[OutputGapFrame]:
     )
 
 
+def stdin_ack_frames() -> st.SearchStrategy[StdinAckFrame]:
+    """``stdin_ack`` frames (extension ``stdin_seq``): the exec's stdin up to ``seq`` is accepted; 0 for none."""
+    return st.builds(StdinAckFrame, st.integers(min_value=0, max_value=8) | st.integers(min_value=0, max_value=2**31))
+
+
 def unknown_frames() -> st.SearchStrategy[UnknownFrame]:
     """Frames with an ``event`` this library does not know, which clients must ignore (section 4)."""
     return st.builds(UnknownFrame, st.text(max_size=20).filter(lambda e: e not in _KNOWN_EVENTS))
@@ -245,7 +261,7 @@ def server_frames(*, extended: bool = True, unknown: bool = True) -> st.SearchSt
         error_frames(),
     ]
     if extended:
-        frames.append(output_gap_frames())
+        frames += [output_gap_frames(), stdin_ack_frames()]
     if unknown:
         frames.append(unknown_frames())
     return st.one_of(frames)

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import pytest
 from _support import ServerThread
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -177,6 +177,7 @@ async def check_object(ws: ClientConnection, obj: dict[str, Any]) -> bool:
         else:
             assert_error_pair(frames, "SANDBOX_EXECUTION_ERROR")  # nothing ran yet: "No process" (7.4)
     elif kind == "reconnect":
+        event("reach: reconnect action (no second socket)")
         assert frames == [{"event": "status_update", "status": "SANDBOX_EXECUTION_DONE"}], frames  # S1
     elif kind == "close_stdin":
         assert frames == [], frames  # ignored when no process runs (15)
@@ -191,6 +192,9 @@ async def check_object(ws: ClientConnection, obj: dict[str, Any]) -> bool:
         else:
             # A real exec of random code: RUNNING, output, DONE, possibly killed by the probe.
             assert statuses[0] == "SANDBOX_EXECUTION_RUNNING", frames
+            event("reach: exec")
+            if any(f["event"] in ("stdout", "stderr") for f in frames):
+                event("reach: output")
             # The probe may have killed it: its DONE can come after the probe's FORCE_KILLED (7.5).
             if "SANDBOX_EXECUTION_DONE" not in statuses:
                 while json.loads(await recv(ws)).get("status") != "SANDBOX_EXECUTION_DONE":
@@ -198,9 +202,27 @@ async def check_object(ws: ClientConnection, obj: dict[str, Any]) -> bool:
     return True
 
 
+async def still_runs_an_exec_with_stdin(ws: ClientConnection) -> None:
+    """After the hostile frames, the same connection runs an exec that reads its stdin."""
+    await ws.send(json.dumps({"language": "bash", "code": "echo ok; read line; echo got $line"}))
+    assert await recv(ws) == ST("SANDBOX_EXECUTION_RUNNING")
+    assert json.loads(await recv(ws))["data"] == "ok\n"
+    await ws.send(json.dumps({"event": "stdin", "data": "y\n"}))
+    assert json.loads(await recv(ws))["data"] == "got y\n"
+    assert json.loads(await recv(ws))["status"] == "SANDBOX_EXECUTION_DONE"
+    event("reach: exec")
+    event("reach: output")
+    event("reach: stdin")
+
+
 @settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames=st.lists(st.one_of(client_objects.map(lambda o: ("object", o)), malformed), min_size=1, max_size=8))
-def test_random_frames_after_create_get_documented_replies(server: ServerThread, frames: list[tuple[str, Any]]) -> None:
+@given(
+    frames=st.lists(st.one_of(client_objects.map(lambda o: ("object", o)), malformed), min_size=1, max_size=8),
+    then_exec=st.booleans(),
+)
+def test_random_frames_after_create_get_documented_replies(
+    server: ServerThread, frames: list[tuple[str, Any]], then_exec: bool
+) -> None:
     async def main() -> None:
         ws, _, _ = await created(server.url)
         try:
@@ -212,6 +234,9 @@ def test_random_frames_after_create_get_documented_replies(server: ServerThread,
                 # S6: SANDBOX_ERROR + error, the connection stays open.
                 await ws.send(payload)
                 assert_error_pair(await replies_until_probe(ws), "SANDBOX_ERROR")
+            else:
+                if then_exec:
+                    await still_runs_an_exec_with_stdin(ws)
         finally:
             await ws.close()
         await bystander_runs_an_exec(server.url)

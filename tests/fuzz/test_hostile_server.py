@@ -1,15 +1,19 @@
-"""A hostile server against the client on asyncio and on trio, over a real loopback socket.
+"""A hostile server against the client, on all four transports, over a real loopback socket.
 
 A tiny scripted WebSocket server plays a hypothesis-generated script (any
 text or binary frame, invalid JSON, JSON of every wrong type, unknown events
-and statuses, statuses out of order, ``sandbox_id`` twice, big frames), then
-closes with any code or aborts the TCP connection, at any point. The client
-under test runs every waiting call at once. Whatever the script:
+and statuses, statuses out of order, ``sandbox_id`` twice, ``stdin_ack`` with
+any number, big frames), then closes with any code or aborts the TCP
+connection, at any point. With auto-reconnect on, the client comes back and
+the server accepts up to two reconnections, playing a script of their own
+(an attach's setup, or none, then anything), and refuses any more with HTTP
+404. The client runs every waiting call at once, on asyncio (websockets,
+aiohttp) and on trio (websockets, trio-websocket). Whatever the scripts:
 
 * nothing but ``SandboxException`` subclasses comes out of the client;
 * every waiter (create, exec, wait, read_all, readline, write_to_stdin, kill,
   process.kill, checkpoint, snapshot_filesystem, wait_closed) wakes when the
-  connection ends, well before its own timeout (a ``SandboxTimeoutError`` or
+  session ends, well before its own timeout (a ``SandboxTimeoutError`` or
   the outer deadline firing would mean it hung);
 * the driver never fails internally (nothing logged at ERROR).
 """
@@ -19,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from http import HTTPStatus
 from typing import Any
 
 import anyio
@@ -31,11 +37,13 @@ import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
 
 import sandbox_asyncio
 import sandbox_trio
 from sandbox_asyncio import Sandbox
-from sandbox_proto import SandboxConnectionError, SandboxException, SandboxTimeoutError, Status
+from sandbox_proto import ReconnectPolicy, SandboxConnectionError, SandboxException, SandboxTimeoutError, Status
+from sandbox_proto.testing import server_texts
 
 
 def examples(default: int) -> int:
@@ -45,9 +53,11 @@ def examples(default: int) -> int:
 
 #: Per-call timeouts, far above how long any script lasts: hitting one means a hang.
 CALL_TIMEOUT = 30.0
-#: How long after the script ends every call must have returned or raised.
+#: How long after the scripts end every call must have returned or raised.
 SETTLE_DEADLINE = 10.0
 LIMIT = 16 * 2**20
+#: Reconnects come fast and give up soon: each script is short, and a run must stay bounded.
+FAST_RECONNECT = ReconnectPolicy(initial_delay=0.01, max_delay=0.05, deadline=3.0)
 
 
 def compact(obj: object) -> str:
@@ -63,6 +73,8 @@ GOOD_SETUP = [
     '{"event":"sandbox_id","sandbox_id":"sandbox-x","sandbox_token":"tok"}',
     status("SANDBOX_RUNNING", extensions=["exit_code", "seq", "close_stdin"]),
 ]
+#: RUNNING with every extension, stdin_seq included: the client then numbers stdin and waits for acks.
+RUNNING_ALL = status("SANDBOX_RUNNING", extensions=["close_stdin", "exec_ref", "exit_code", "seq", "stdin_seq"])
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10)
 json_values = st.recursive(
@@ -73,12 +85,29 @@ json_values = st.recursive(
 any_status = st.sampled_from([s.value for s in Status]) | st.text(max_size=20)
 # Every key a server frame has, each with a value of every JSON type.
 frame_like = st.fixed_dictionaries(
-    {"event": st.sampled_from(["status_update", "stdout", "stderr", "sandbox_id", "error", "output_gap", "x"])},
+    {
+        "event": st.sampled_from(
+            ["status_update", "stdout", "stderr", "sandbox_id", "error", "output_gap", "stdin_ack", "x"]
+        )
+    },
     optional={
         key: json_values | any_status
-        for key in ["status", "data", "seq", "exit_code", "extensions", "sandbox_id", "sandbox_token", "message"]
+        for key in [
+            "status",
+            "data",
+            "seq",
+            "exit_code",
+            "extensions",
+            "sandbox_id",
+            "sandbox_token",
+            "message",
+            "from_seq",
+            "to_seq",
+        ]
     },
 )
+# Numbers a server may put in seq fields: small ones that mean something, and anything else.
+seqs = st.integers(-2, 6) | st.integers() | json_values
 items = st.one_of(
     st.tuples(st.just("text"), st.text(max_size=40)),
     st.tuples(st.just("binary"), st.binary(max_size=40)),
@@ -86,9 +115,13 @@ items = st.one_of(
     st.tuples(st.just("text"), frame_like.map(json.dumps)),
     st.tuples(st.just("text"), any_status.map(status)),
     st.tuples(st.just("text"), any_status.map(status)),
-    st.tuples(st.just("text"), st.sampled_from([*GOOD_SETUP, status("SANDBOX_EXECUTION_RUNNING")])),
+    st.tuples(st.just("text"), st.sampled_from([*GOOD_SETUP, RUNNING_ALL, status("SANDBOX_EXECUTION_RUNNING")])),
     st.tuples(st.just("text"), st.sampled_from([status("SANDBOX_EXECUTION_DONE", exit_code=3), '{"event":"error"}'])),
     st.tuples(st.just("text"), st.text(max_size=20).map(lambda d: json.dumps({"event": "stdout", "data": d}))),
+    st.tuples(st.just("text"), seqs.map(lambda n: json.dumps({"event": "stdout", "data": "o", "seq": n}))),
+    st.tuples(st.just("text"), seqs.map(lambda n: json.dumps({"event": "stdin_ack", "seq": n}))),
+    # Well-formed frames of every kind, extension frames included (sandbox_proto.testing).
+    st.tuples(st.just("text"), server_texts()),
     st.tuples(st.just("text"), st.sampled_from(["{", "[]", "null", "NaN", "[" * 5000, "\ud800"])),
     st.tuples(st.just("big"), st.integers(1, 2**20)),
     st.tuples(st.just("recv"), st.just(None)),
@@ -97,27 +130,57 @@ endings = st.one_of(
     st.tuples(st.just("close"), st.sampled_from([1000, 1001, 1002, 1008, 1011, 1012, 3000, 4000, 4999])),
     st.tuples(st.just("abort"), st.just(None)),
 )
+#: One connection's script: the setup it starts with, then anything, then its end.
 scripts = st.tuples(
-    st.sampled_from(["exec", "exec", "good-setup", "raw"]),
+    st.sampled_from(["exec", "exec", "good-setup", "good-setup-all", "raw"]),
     st.lists(items, max_size=25),
     endings,
 )
+#: The reconnections the server accepts (attaches): shorter scripts, mostly with a good setup.
+reconnections = st.lists(
+    st.tuples(
+        st.sampled_from(["exec", "good-setup", "good-setup", "good-setup-all", "raw"]),
+        st.lists(items, max_size=10),
+        endings,
+    ),
+    max_size=2,
+)
+
+Script = list[tuple[str, Any]]
 
 
 class ScriptedServer:
-    """Plays one script to every connection, then ends it as the script says."""
+    """Plays one script per connection, then ends it as that script says; refuses connections beyond them."""
 
-    def __init__(self, script: list[tuple[str, Any]], ending: tuple[str, Any]) -> None:
-        self.script = script
-        self.ending = ending
+    def __init__(
+        self,
+        script: Script,
+        ending: tuple[str, Any],
+        more: list[tuple[str, Script, tuple[str, Any]]] | None = None,
+    ) -> None:
+        #: (setup kind, body, ending) of connection 1 onwards: they are attaches.
+        self.plays: list[tuple[str | None, Script, tuple[str, Any]]] = [(None, script, ending), *(more or [])]
+        #: No script is being played (the client may come back, or not).
         self.finished = asyncio.Event()
         self.url = ""
+        self.accepted = 0
+        self.played = 0
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self.accepted >= len(self.plays):
+            return connection.respond(HTTPStatus.NOT_FOUND, "no more connections\n")
+        self.accepted += 1
+        self.finished.clear()
+        return None
 
     async def handler(self, ws: ServerConnection) -> None:
+        setup, body, ending = self.plays[self.played]
+        self.played += 1
+        script = body if setup is None else with_setup(setup, body, attach=True)
         try:
             if ws.request is not None and ws.request.path.startswith("/create"):
                 await asyncio.wait_for(ws.recv(), 5)  # the init message (2.2)
-            for kind, arg in self.script:
+            for kind, arg in script:
                 if kind == "text":
                     with contextlib.suppress(UnicodeEncodeError):
                         await ws.send(arg)
@@ -128,7 +191,7 @@ class ScriptedServer:
                 elif kind == "recv":
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ws.recv(), 0.2)
-            kind, code = self.ending
+            kind, code = ending
             if kind == "close":
                 await ws.close(code)
             else:
@@ -138,9 +201,15 @@ class ScriptedServer:
         finally:
             self.finished.set()
 
+    @property
+    def length(self) -> int:
+        return sum(len(body) for _, body, _ in self.plays)
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
-        async with serve(self.handler, "127.0.0.1", 0, max_size=None, ping_interval=None) as server:
+        async with serve(
+            self.handler, "127.0.0.1", 0, max_size=None, ping_interval=None, process_request=self.process_request
+        ) as server:
             port = server.sockets[0].getsockname()[1]
             yield f"http://127.0.0.1:{port}"
 
@@ -168,6 +237,33 @@ def errors_logged(runtime: str = "sandbox_asyncio") -> Any:
             log.removeHandler(handler)
 
 
+class Reach:
+    """What one example reached, for --hypothesis-show-statistics."""
+
+    def __init__(self, server: ScriptedServer) -> None:
+        self.server = server
+        self.seen: set[str] = set()
+        #: How many connections had been played when stdin was last handed to one.
+        self.stdin_on: int | None = None
+
+    async def noting(self, call: Awaitable[Any], what: str) -> Any:
+        result = await call
+        if what == "stdin":
+            self.stdin_on = self.server.played
+        elif result:
+            self.seen.add(what)
+        return result
+
+    def report(self) -> None:
+        played = self.server.played
+        if played > 1:
+            event("reach: reconnect")
+        if self.stdin_on is not None and played > self.stdin_on:
+            event("reach: stdin across a reconnect")
+        for what in sorted(self.seen):
+            event(f"reach: {what}")
+
+
 async def outcome(call: Awaitable[Any]) -> BaseException | None:
     try:
         await call
@@ -184,8 +280,12 @@ def check(results: list[BaseException | None], what: list[str]) -> None:
         assert not isinstance(result, SandboxTimeoutError), f"{name} hung until its timeout: {result!r}"
 
 
-async def drive(url: str, ops: frozenset[str], attach: bool, runtime: Any = sandbox_asyncio, **options: Any) -> None:
+async def drive(
+    url: str, ops: frozenset[str], attach: bool, reach: Reach, runtime: Any = sandbox_asyncio, **options: Any
+) -> None:
     """Every public waiting call at once, as a user with several tasks would."""
+    if options.get("enable_auto_reconnect"):
+        options["reconnect_policy"] = FAST_RECONNECT
     if attach:
         opening = runtime.Sandbox.attach(url, "sandbox-x", "tok", timeout=CALL_TIMEOUT, **options)
     else:
@@ -197,7 +297,7 @@ async def drive(url: str, ops: frozenset[str], attach: bool, runtime: Any = sand
         event(f"open failed: {type(exc).__name__}")
         return
     event("opened")
-    await exercise(sandbox, ops)
+    await exercise(sandbox, ops, reach)
 
 
 async def gather(calls: list[Awaitable[Any]]) -> list[BaseException | None]:
@@ -213,7 +313,7 @@ async def gather(calls: list[Awaitable[Any]]) -> list[BaseException | None]:
     return results
 
 
-async def exercise(sandbox: Any, ops: frozenset[str]) -> None:
+async def exercise(sandbox: Any, ops: frozenset[str], reach: Reach) -> None:
     names: list[str] = []
     calls: list[Awaitable[Any]] = []
     process = None
@@ -221,14 +321,15 @@ async def exercise(sandbox: Any, ops: frozenset[str]) -> None:
         process = await sandbox.exec("python", "print(1)", timeout=CALL_TIMEOUT)
     except Exception as exc:
         check([exc], ["exec"])
-    event(f"exec started: {process is not None}")
     if process is not None:
-        names += ["wait", "read_all", "readline", "stdin"]
+        reach.seen.add("exec")
+        names += ["wait", "read_all", "readline", "stdin", "stdin again"]
         calls += [
             process.wait(timeout=CALL_TIMEOUT),
-            process.stdout.read_all(timeout=CALL_TIMEOUT),
+            reach.noting(process.stdout.read_all(timeout=CALL_TIMEOUT), "output"),
             process.stderr.readline(timeout=CALL_TIMEOUT),
-            process.write_to_stdin("hi\n", timeout=CALL_TIMEOUT),
+            reach.noting(process.write_to_stdin("hi\n", timeout=CALL_TIMEOUT), "stdin"),
+            reach.noting(process.write_to_stdin("more\n", timeout=CALL_TIMEOUT), "stdin"),
         ]
         if "process.kill" in ops:
             names.append("process.kill")
@@ -246,14 +347,19 @@ async def exercise(sandbox: Any, ops: frozenset[str]) -> None:
     assert sandbox.state in ("closed", "failed", "killed", "checkpointed"), sandbox.state
 
 
-async def play(script: list[tuple[str, Any]], ending: tuple[str, Any], ops: frozenset[str], attach: bool) -> None:
-    server = ScriptedServer(script, ending)
+def budget(server: ScriptedServer) -> float:
+    """How long the scripts may take: their length, and the reconnects between them."""
+    return SETTLE_DEADLINE + 0.3 * server.length + FAST_RECONNECT.deadline * (len(server.plays) - 1)
+
+
+async def play(server: ScriptedServer, ops: frozenset[str], attach: bool, **options: Any) -> None:
+    reach = Reach(server)
     async with server.running() as url:
         loop = asyncio.get_running_loop()
         with errors_logged() as records:
-            task = asyncio.create_task(drive(url, ops, attach))
-            # The script's own length is bounded; after it ends, everything must settle.
-            done, _ = await asyncio.wait([task], timeout=SETTLE_DEADLINE + 0.3 * len(script))
+            task = asyncio.create_task(drive(url, ops, attach, reach, **options))
+            # The scripts' own length is bounded; after they end, everything must settle.
+            done, _ = await asyncio.wait([task], timeout=budget(server))
             if not done:
                 await asyncio.wait_for(server.finished.wait(), 5)
                 started = loop.time()
@@ -263,6 +369,7 @@ async def play(script: list[tuple[str, Any]], ending: tuple[str, Any], ops: froz
                     raise AssertionError(f"the client hung {loop.time() - started:.1f}s after the connection ended")
             task.result()
         assert not records, [r.getMessage() for r in records]
+    reach.report()
 
 
 @contextlib.contextmanager
@@ -290,55 +397,88 @@ def on_a_thread(server: ScriptedServer) -> Iterator[str]:
         loop.close()
 
 
-async def play_on_trio(
-    script: list[tuple[str, Any]], ending: tuple[str, Any], ops: frozenset[str], attach: bool
-) -> None:
-    with on_a_thread(ScriptedServer(script, ending)) as url, errors_logged("sandbox_trio") as records:
-        # The script's own length is bounded; the connection's tasks must end with the sandbox too.
-        with trio.fail_after(SETTLE_DEADLINE + 5 + 0.3 * len(script)):
+async def play_on_trio(server: ScriptedServer, ops: frozenset[str], attach: bool, **options: Any) -> None:
+    reach = Reach(server)
+    with on_a_thread(server) as url, errors_logged("sandbox_trio") as records:
+        # The scripts' own length is bounded; the connection's tasks must end with the sandbox too.
+        with trio.fail_after(budget(server) + 5):
             async with trio.open_nursery() as nursery:
-                await drive(url, ops, attach, sandbox_trio, nursery=nursery)
+                await drive(url, ops, attach, reach, sandbox_trio, nursery=nursery, **options)
     assert not records, [r.getMessage() for r in records]
+    reach.report()
 
 
 op_sets = st.frozensets(st.sampled_from(["process.kill", "snapshot", "checkpoint"]))
 
 
-def with_setup(script: tuple[str, list[tuple[str, Any]], tuple[str, Any]], attach: bool) -> list[tuple[str, Any]]:
-    """The script's body after the setup it asks for."""
-    setup, body, _ = script
-    prefix: list[tuple[str, Any]] = []
+def with_setup(setup: str, body: Script, attach: bool) -> Script:
+    """``body`` after the setup ``setup`` asks for."""
+    prefix: Script = []
     if setup != "raw":
+        running = RUNNING_ALL if setup == "good-setup-all" else GOOD_SETUP[2]
         # Attach: no CREATING, no sandbox_id (7.2).
-        prefix = [("text", status("SANDBOX_RUNNING"))] if attach else [("text", frame) for frame in GOOD_SETUP]
+        prefix = [("text", running)] if attach else [("text", frame) for frame in [*GOOD_SETUP[:2], running]]
     if setup == "exec":
+        # The exec request (or, on a reattach, the reconnect) and its RUNNING.
         prefix += [("recv", None), ("text", status("SANDBOX_EXECUTION_RUNNING"))]
     return prefix + body
 
 
+def scripted(
+    script: tuple[str, Script, tuple[str, Any]],
+    more: list[tuple[str, Script, tuple[str, Any]]],
+    attach: bool,
+    auto_reconnect: bool,
+) -> ScriptedServer:
+    setup, body, ending = script
+    return ScriptedServer(with_setup(setup, body, attach), ending, more if auto_reconnect else [])
+
+
+ASYNCIO_TRANSPORTS = ["websockets", "aiohttp"]
+TRIO_TRANSPORTS = ["websockets", "trio-websocket"]
+
+
+@pytest.mark.parametrize("auto_reconnect", [False, True], ids=["no-reconnect", "reconnect"])
+@pytest.mark.parametrize("transport", ASYNCIO_TRANSPORTS)
 @settings(
     max_examples=examples(30),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(script=scripts, ops=op_sets, attach=st.booleans())
+@given(script=scripts, more=reconnections, ops=op_sets, attach=st.booleans())
 def test_hostile_server_never_hangs_or_leaks_foreign_exceptions(
-    script: tuple[str, list[tuple[str, Any]], tuple[str, Any]], ops: frozenset[str], attach: bool
+    transport: str,
+    auto_reconnect: bool,
+    script: tuple[str, Script, tuple[str, Any]],
+    more: list[tuple[str, Script, tuple[str, Any]]],
+    ops: frozenset[str],
+    attach: bool,
 ) -> None:
-    asyncio.run(play(with_setup(script, attach), script[2], ops, attach))
+    server = scripted(script, more, attach, auto_reconnect)
+    options = {"transport": transport, "enable_auto_reconnect": auto_reconnect}
+    asyncio.run(play(server, ops, attach, **options))
 
 
+@pytest.mark.parametrize("auto_reconnect", [False, True], ids=["no-reconnect", "reconnect"])
+@pytest.mark.parametrize("transport", TRIO_TRANSPORTS)
 @settings(
     max_examples=examples(20),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(script=scripts, ops=op_sets, attach=st.booleans())
+@given(script=scripts, more=reconnections, ops=op_sets, attach=st.booleans())
 def test_hostile_server_against_trio(
-    script: tuple[str, list[tuple[str, Any]], tuple[str, Any]], ops: frozenset[str], attach: bool
+    transport: str,
+    auto_reconnect: bool,
+    script: tuple[str, Script, tuple[str, Any]],
+    more: list[tuple[str, Script, tuple[str, Any]]],
+    ops: frozenset[str],
+    attach: bool,
 ) -> None:
-    """The same scripts against trio's transport: websockets' trio connection under our hand-off."""
-    trio.run(play_on_trio, with_setup(script, attach), script[2], ops, attach)
+    """The same scripts against trio's transports: websockets' trio connection and trio-websocket."""
+    server = scripted(script, more, attach, auto_reconnect)
+    options = {"transport": transport, "enable_auto_reconnect": auto_reconnect}
+    trio.run(functools.partial(play_on_trio, server, ops, attach, **options))
 
 
 # --------------------------------------------------------------------------

@@ -203,7 +203,14 @@ async def test_silence_after_running_every_call_bounded() -> None:
         assert isinstance(error, SandboxTimeoutError), error
         _, error = await within(sandbox.exec("python", "print(1)", timeout=T))
         assert isinstance(error, SandboxTimeoutError), error
-        # The session could not be trusted after that: later calls fail at once.
+        # A timed-out exec is abandoned (killed once it starts): the sandbox stays usable,
+        # and the next exec waits behind it, bounded by its own timeout.
+        assert sandbox.state == "running"
+        _, error = await within(sandbox.exec("python", "print(2)", timeout=T))
+        assert isinstance(error, SandboxTimeoutError), error
+        # A checkpoint sent and never answered leaves the session untrustworthy: later calls fail at once.
+        _, error = await within(sandbox.checkpoint(timeout=T))
+        assert isinstance(error, SandboxTimeoutError), error
         assert sandbox.state == "failed"
         _, error = await within(sandbox.checkpoint(timeout=T))
         assert isinstance(error, SandboxStateError), error
