@@ -131,7 +131,7 @@ EXTENSION_SETS = {
     "upstream": (),
 }
 #: Bugs this machine found that are not fixed yet, each with its failing test in
-#: tests/proto/test_windows_found.py. Only the check each one breaks is relaxed, and only
+#: tests/proto/test_windows.py. Only the check each one breaks is relaxed, and only
 #: for its case, so that the machine keeps finding the others; remove a name once fixed.
 KNOWN_BUGS: frozenset[str] = frozenset()
 MSG_NOT_RUNNING = "Cannot execute code in a sandbox that is not in the RUNNING state (current state: STOPPED)"
