@@ -49,21 +49,20 @@ from sandbox_proto import (
     StdinReceived,
 )
 
-from ._isolation import IsolationMode, Limits, select_isolation
-from ._sandbox import (
-    DEFAULT_OUTPUT_LIMIT,
+from ._errors import (
     CheckpointError,
     CheckpointInProgressError,
     CreationError,
-    Execution,
     ExecutionStartError,
     PermissionDeniedError,
     RestoreError,
-    Sandbox,
-    SandboxManager,
     SandboxNotFoundError,
     SnapshotError,
 )
+from ._execution import Execution
+from ._isolation import IsolationMode, Limits, select_isolation
+from ._manager import DEFAULT_OUTPUT_LIMIT, SandboxManager
+from ._sandbox import Sandbox
 
 __all__ = ["LocalServer"]
 

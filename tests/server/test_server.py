@@ -17,7 +17,7 @@ from server._server_wire import Wire, attach_when_free, err, group_alive, pid_al
 from websockets.exceptions import InvalidStatus
 
 from sandbox_server import LocalServer
-from sandbox_server._sandbox import OutputLog
+from sandbox_server._output import OutputLog
 
 pytestmark = pytest.mark.anyio
 
