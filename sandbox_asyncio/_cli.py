@@ -52,9 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve_main(args_list[1:])
     if args_list[:1] == ["conformance"]:
-        from ._conformance import main as conformance_main
+        from sandbox_conformance import main as conformance_main
 
-        return conformance_main(args_list[1:])
+        return conformance_main(args_list[1:], prog="sandbox conformance")
     args = _parser().parse_args(args_list)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
     if not args.url and not args.debug:
