@@ -8,9 +8,13 @@ import codecs
 import contextlib
 import logging
 import os
+import pwd
+import shutil
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
+from typing import Literal
 
 from _sandbox_anyio import SandboxProcess, SandboxStream
 from sandbox_proto import SandboxException
@@ -18,6 +22,13 @@ from sandbox_proto import SandboxException
 from ._sandbox import Sandbox
 
 EXIT_FAILURE = 1
+#: Bad usage, or an --isolation that cannot be provided (argparse exits with 2 too).
+EXIT_USAGE = 2
+#: As timeout(1), so that scripts tell "gave up" from the program's own failure.
+EXIT_TIMEOUT = 124
+#: Signals that stop `sandbox exec` the way Ctrl-C does: the sandbox is killed and the
+#: local server's folder (the user's code) removed. SIGHUP: a closed terminal.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("code", help="the code to run; '-' reads it from standard input")
     run.add_argument("--url", default=os.environ.get("CLOUD_RUN_URL"), help="service URL (default: $CLOUD_RUN_URL)")
     run.add_argument("--idle-timeout", type=float, default=60, help="sandbox idle timeout in seconds (default 60)")
-    run.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (default: none)")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help=f"give up after this many seconds, exit status {EXIT_TIMEOUT} (default: none)",
+    )
+    run.add_argument(
+        "--isolation",
+        choices=["auto", "bwrap", "none"],
+        default=None,
+        help="local server only: bwrap (bubblewrap required), none (plain processes of your user), "
+        "auto (bwrap if it works, else none with a warning; the default)",
+    )
     run.add_argument("--debug", action="store_true", help="log the protocol to stderr")
 
     commands.add_parser("serve", help="run the local sandbox server (see 'sandbox serve --help')", add_help=False)
@@ -52,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve_main(args_list[1:])
     if args_list[:1] == ["conformance"]:
+        # The runner tests servers, not this client: it lives in its own package.
         from sandbox_conformance import main as conformance_main
 
         return conformance_main(args_list[1:], prog="sandbox conformance")
@@ -60,35 +84,110 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.url and not args.debug:
         # The embedded server's startup notes are for `sandbox serve`, not for one exec.
         logging.getLogger("sandbox_server").setLevel(logging.ERROR)
-    code = sys.stdin.read() if args.code == "-" else args.code
+    if args.url and args.isolation is not None:
+        # A remote service confines code its own way: accepting the option would promise what we cannot check.
+        sys.stderr.write("sandbox: error: --isolation applies to the local server only, not with --url\n")
+        return EXIT_USAGE
     try:
+        code = sys.stdin.read() if args.code == "-" else args.code
         return asyncio.run(_exec(args, code, forward_stdin=args.code != "-"))
     except KeyboardInterrupt:
-        return 130
+        # Only before or after the event loop, where nothing is left to clean up.
+        return 128 + signal.SIGINT
 
 
 async def _exec(args: argparse.Namespace, code: str, *, forward_stdin: bool) -> int:
-    async with _service_url(args.url) as url:
-        try:
-            async with asyncio.timeout(args.timeout):
-                return await _run(url, args, code, forward_stdin=forward_stdin)
-        except TimeoutError:
-            sys.stderr.write(f"sandbox: gave up after {args.timeout:g}s\n")
-            return EXIT_FAILURE
-        except SandboxException as exc:
-            sys.stderr.write(f"sandbox: {exc}\n")
-            return EXIT_FAILURE
+    """Run the exec; a stop signal cancels it, then the server's cleanup runs to the end."""
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+    session: asyncio.Task[int] | None = None
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        # Only the session is cancelled, never this task: stopping the local server (killing
+        # the sandbox's processes, removing the folder with the code) must not be cut short.
+        # A repeated signal cancels again, which abandons a slow kill of a remote sandbox.
+        if session is not None:
+            session.cancel()
+
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        async with _service_url(args) as url:
+            if received:  # arrived while the server was starting
+                return 128 + received[0]
+            session = asyncio.create_task(_session(url, args, code, forward_stdin=forward_stdin))
+            try:
+                status = await session
+            except asyncio.CancelledError:
+                if not received:
+                    raise
+            if received:
+                sys.stdout.flush()
+                return 128 + received[0]
+            return status
+    except _IsolationUnavailable as exc:
+        sys.stderr.write(f"sandbox: error: {exc}\n")
+        return EXIT_USAGE
+    finally:
+        for signum in _STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+async def _session(url: str, args: argparse.Namespace, code: str, *, forward_stdin: bool) -> int:
+    try:
+        async with asyncio.timeout(args.timeout):
+            return await _run(url, args, code, forward_stdin=forward_stdin)
+    except TimeoutError:
+        sys.stderr.write(f"sandbox: gave up after {args.timeout:g}s\n")
+        return EXIT_TIMEOUT
+    except SandboxException as exc:
+        sys.stderr.write(f"sandbox: {exc}\n")
+        return EXIT_FAILURE
+
+
+class _IsolationUnavailable(Exception):
+    """``--isolation bwrap`` on a machine where bubblewrap is missing or does not work."""
 
 
 @contextlib.asynccontextmanager
-async def _service_url(url: str | None) -> AsyncIterator[str]:
-    if url:
-        yield url
+async def _service_url(args: argparse.Namespace) -> AsyncIterator[str]:
+    if args.url:
+        yield args.url
         return
-    from sandbox_server import LocalServer
+    from sandbox_server import IsolationError, LocalServer
 
-    async with LocalServer(host="127.0.0.1", port=0) as server:
+    requested: Literal["auto", "bwrap", "none"] = args.isolation or "auto"
+    server = LocalServer(host="127.0.0.1", port=0, isolation=requested)
+    try:
+        await server.start()
+    except IsolationError as exc:
+        raise _IsolationUnavailable(
+            f"--isolation bwrap: {exc} (install bubblewrap, or use --isolation auto or none)"
+        ) from exc
+    try:
+        if requested == "auto" and server.manager.isolation.name == "none":
+            # The server's own warning is silenced above (it is meant for `sandbox serve`): say it here, once.
+            _warn_unisolated()
         yield server.url
+    finally:
+        await server.stop()
+
+
+def _warn_unisolated() -> None:
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = f"uid {os.geteuid()}"
+    # Same lookup as the server's: a bwrap on PATH that fell back is one that does not work here.
+    if shutil.which("bwrap") is None:
+        reason, hint = "bubblewrap not found", "install bubblewrap"
+    else:
+        reason, hint = "bubblewrap does not work here", "--isolation bwrap shows why"
+    sys.stderr.write(
+        f"sandbox: warning: {reason}; code runs unisolated as {user} ({hint}, or --isolation none to silence)\n"
+    )
+    sys.stderr.flush()
 
 
 async def _run(url: str, args: argparse.Namespace, code: str, *, forward_stdin: bool) -> int:
@@ -103,10 +202,17 @@ async def _run(url: str, args: argparse.Namespace, code: str, *, forward_stdin: 
             returncode = await process.wait(timeout=None)
             await asyncio.gather(*pumps)
         finally:
-            if feeder is not None:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError, SandboxException):
-                    await feeder
+            # The pumps too: after a timeout or a signal they would outlive the sandbox.
+            helpers = [*pumps, feeder] if feeder is not None else pumps
+            for helper in helpers:
+                helper.cancel()
+            # asyncio.wait, not suppress(CancelledError): a signal's cancel of this task must not be swallowed.
+            await asyncio.wait(helpers)
+            for helper in helpers:
+                error = None if helper.cancelled() else helper.exception()
+                # A closed sandbox's error is not news here; a bug is.
+                if error is not None and not isinstance(error, SandboxException):
+                    raise error
     if returncode is None:
         return 0
     return 128 - returncode if returncode < 0 else returncode
