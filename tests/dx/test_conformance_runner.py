@@ -203,7 +203,7 @@ def test_a_broken_server_fails_with_reasons(capsys: pytest.CaptureFixture[str]) 
         '{"event":"status_update","status":"SANDBOX_EXECUTION_DONE"}' + "']"
     )
     assert found["CV-03"][1].startswith("stdout '42\\n', stderr ''")
-    assert found["CV-20"][1].startswith("create: setup exec \"printf 'v1\\\\n' > note.txt\" gave stdout '42\\n'")
+    assert found["CV-20"][1].startswith("create: setup exec \"printf 'v1\\\\n' > /tmp/note.txt\" gave stdout '42\\n'")
     # It made a sandbox from a snapshot that cannot exist, so it has no "snapshots disabled" to skip on.
     assert "expected SANDBOX_CREATION_ERROR" in found["CV-23"][1]
     assert found["CV-29"][1].startswith("create: nothing within 2s while waiting for")
