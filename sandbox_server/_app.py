@@ -652,3 +652,5 @@ class LocalServer:
             await connection.run(route)
         except Exception:
             logger.exception("connection failed")
+        if self._temporary_state is not None:
+            self._manager.janitor.track("dir", self._temporary_state)  # gone even if we are killed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import os
 import signal
 from collections import deque
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from sandbox_proto import ExecutionView, Status, Stream
 
 from ._isolation import Command
+from ._janitor import is_bwrap
 from ._observer import report
 from ._output import Signal
 
@@ -77,6 +79,9 @@ class Execution:
         #: A connection has sent this exec's DONE.
         self.done_delivered = False
         self.pid = 0
+        #: Host pid of the init of the exec's pid namespace (bwrap only; 0 until bwrap says).
+        self.namespace_pid = 0
+        self._info = bytearray()
         self._transport: asyncio.SubprocessTransport | None = None
         self._decoders = {
             1: codecs.getincrementaldecoder("utf-8")(errors="replace"),
@@ -124,9 +129,12 @@ class Execution:
     async def start(self, command: Command, cwd: Path) -> None:
         loop = asyncio.get_running_loop()
         pass_fds: tuple[int, ...] = ()
+        info_read = -1
         if command.piped_args is not None:
             read_end, write_end = os.pipe()
-            pass_fds = (read_end,)
+            info_read, info_write = os.pipe()
+            os.set_blocking(info_read, False)
+            pass_fds = (read_end, info_write)
             try:
                 # A few KiB: fits in the pipe buffer, so this cannot block.
                 os.write(write_end, b"".join(arg.encode() + b"\0" for arg in command.piped_args))
@@ -135,7 +143,7 @@ class Execution:
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _ExecProtocol(self),
-                *command.spawn_argv(pass_fds[0] if pass_fds else -1),
+                *command.spawn_argv(*pass_fds) if pass_fds else command.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -145,14 +153,48 @@ class Execution:
                 # Own process group, so a kill reaches everything the exec started (S14).
                 start_new_session=True,
             )
+        except BaseException:
+            if info_read >= 0:
+                os.close(info_read)
+            raise
         finally:
             for fd in pass_fds:
                 os.close(fd)
         self._transport = transport
         self.pid = transport.get_pid()
-        self.sandbox.process_groups.add(self.pid)
+        self.sandbox.add_process_group(self.pid)
+        if info_read >= 0:
+            self._info = bytearray()
+            loop.add_reader(info_read, self._read_info, info_read)
         if self.sandbox.log.full:
             self.pause_reading()
+
+    def _read_info(self, fd: int) -> None:
+        """Collect bwrap's ``--info-fd`` JSON, which names the init of the exec's pid namespace."""
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self._info += chunk
+            return
+        asyncio.get_running_loop().remove_reader(fd)
+        os.close(fd)
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            self.namespace_pid = int(json.loads(self._info)["child-pid"])
+            self.sandbox.manager.janitor.track("ns", self.namespace_pid)
+            if self.killed:
+                self._kill_namespace()  # the kill came before bwrap said who to kill
+
+    def _kill_namespace(self) -> None:
+        # Killing the namespace's init kills every process in it, even the ones in
+        # another session (bwrap's --new-session) that the process group misses.
+        # Not our child: once bwrap is gone its pid could be reused, so check it is still bwrap's init.
+        if self.namespace_pid and (not self._exited or is_bwrap(self.namespace_pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.namespace_pid, signal.SIGKILL)
 
     # -- pipe events -------------------------------------------------------
 
@@ -228,6 +270,8 @@ class Execution:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         self._transport.close()
+        if self.namespace_pid:
+            self.sandbox.manager.janitor.forget("ns", self.namespace_pid)
         self.finished.set()
         self._stdin_signal.fire()
         self.sandbox._execution_finished(self)
@@ -368,6 +412,7 @@ class Execution:
         self.resume_reading()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
+        self._kill_namespace()
         if self._exited:
             self._arm_kill_timer()
 

@@ -3,13 +3,18 @@
 Two backends build the command line of every exec:
 
 * :class:`BwrapIsolation` runs it under ``bwrap`` with no network, private
-  pid/ipc/uts namespaces, a read-only view of the system, a private ``/tmp``
-  and the sandbox's own directory as the only writable place (``/sandbox``).
-  As root, each sandbox also gets its own unprivileged uid (``setpriv``
-  inside the sandbox), which is what makes ``RLIMIT_NPROC`` count that
-  sandbox's processes only: the kernel never enforces it for uid 0.
-  Without root, bwrap makes a user namespace instead and the process limit
-  is left off (it would count every process of the server's user).
+  pid/ipc/uts namespaces and the sandbox's own directory as its root
+  filesystem: writable and persistent like the real service's, with the
+  system (``/usr``, a few files of ``/etc``, the Python installation) bound
+  read-only on mount points the server lays out (:meth:`prepare_directory`).
+  The root is sticky and owned by root, so the sandbox can create files
+  anywhere in it but cannot replace a mount point: bwrap never follows a
+  path the sandbox made. As root, each sandbox also gets its own
+  unprivileged uid (``setpriv`` inside the sandbox), which is what makes
+  ``RLIMIT_NPROC`` count that sandbox's processes only (the kernel never
+  enforces it for uid 0) and lets the server find every one of its
+  processes. Without root, bwrap makes a user namespace instead and the
+  process limit is left off (it would count every process of the server's user).
 * :class:`NoIsolation` runs plain processes of the server's user.
 
 Both apply rlimits through ``prlimit(1)``, which sets them and execs the
@@ -27,6 +32,8 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,8 +54,8 @@ IsolationMode = Literal["auto", "bwrap", "none"]
 
 MiB = 2**20
 
-#: Where the sandbox's directory appears inside bwrap: cwd and HOME of every exec.
-SANDBOX_MOUNT = "/sandbox"
+#: The working directory and HOME of every exec inside bwrap, owned by the sandbox.
+SANDBOX_HOME = "/sandbox"
 #: Where the code bundle appears, so that tracebacks show no server path.
 BUNDLE_MOUNT = "/run/sandbox"
 #: Uid (and gid) inside the user namespace used when the server is not root.
@@ -128,10 +135,12 @@ class Command:
     piped_args: list[str] | None = None
     options_at: int = 0
 
-    def spawn_argv(self, fd: int) -> list[str]:
+    def spawn_argv(self, args_fd: int, info_fd: int) -> list[str]:
         if self.piped_args is None:
             return self.argv
-        return [*self.argv[: self.options_at], "--args", str(fd), *self.argv[self.options_at :]]
+        # --info-fd: bwrap writes the pid of the namespace's init there, which the kill needs (see Execution).
+        options = ["--args", str(args_fd), "--info-fd", str(info_fd)]
+        return [*self.argv[: self.options_at], *options, *self.argv[self.options_at :]]
 
 
 class Isolation:
@@ -145,7 +154,11 @@ class Isolation:
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        #: Mixed into per-sandbox uids: the id of the server instance using this isolation.
+        self.uid_salt = ""
         self._prlimit = shutil.which("prlimit")
+        #: The interpreter of ``python`` execs.
+        self.python = _sandbox_python()
 
     def describe(self) -> str:
         return self.name
@@ -153,6 +166,10 @@ class Isolation:
     def sandbox_uid(self, sandbox_id: str) -> int | None:
         """The host uid the sandbox's processes run as, when it is not the server's."""
         return None
+
+    def workdir(self, directory: Path) -> Path:
+        """Where, on the host, the working directory of the sandbox whose files are in ``directory`` is."""
+        return directory
 
     def command(self, sandbox_id: str, program: list[str], script: Path, directory: Path, bundle: Path) -> Command:
         raise NotImplementedError
@@ -167,12 +184,16 @@ class Isolation:
         return [self._prlimit, *args, "--", *argv]
 
     def prepare_directory(self, sandbox_id: str, directory: Path) -> None:
-        """Make ``directory`` (and everything in it) writable for the sandbox's processes. Blocking."""
+        """Make ``directory`` (and everything in it) the sandbox's, after a create or a restore. Blocking.
+
+        No process of the sandbox runs while this is called, so nothing in the
+        tree changes under it.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         uid = self.sandbox_uid(sandbox_id)
         if uid is None:
             return
-        # No process of the sandbox runs while this is called (create, restore), so no link races.
+        # A snapshot or checkpoint may come from another sandbox, whose files had another uid.
         os.lchown(directory, uid, uid)
         for root, dirs, files in os.walk(directory):
             for name in dirs + files:
@@ -184,7 +205,7 @@ class NoIsolation(Isolation):
 
     def command(self, sandbox_id: str, program: list[str], script: Path, directory: Path, bundle: Path) -> Command:
         env = {
-            "PATH": os.path.dirname(sys.executable) + os.pathsep + _STANDARD_PATH,
+            "PATH": os.pathsep.join([str(directory / ".local/bin"), os.path.dirname(self.python), _STANDARD_PATH]),
             "HOME": str(directory),
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "1",
@@ -209,6 +230,7 @@ class BwrapIsolation(Isolation):
         self.prefixes = _python_prefixes()
         if self.as_root and self._setpriv is None:
             raise IsolationError("bwrap as root needs setpriv (util-linux) to run sandboxes as their own users")
+        self._mount_points = self._system_mount_points()
         self._static = self._static_args()
 
     def describe(self) -> str:
@@ -221,8 +243,35 @@ class BwrapIsolation(Isolation):
     def sandbox_uid(self, sandbox_id: str) -> int | None:
         if not self.as_root:
             return None
-        digest = hashlib.sha256(sandbox_id.encode("utf-8", "surrogatepass")).digest()
+        # Per instance too: two servers sharing a state dir may each run a copy of one sandbox,
+        # and killing one copy's processes by uid must not touch the other's.
+        digest = hashlib.sha256(f"{self.uid_salt}/{sandbox_id}".encode("utf-8", "surrogatepass")).digest()
         return _UID_BASE + int.from_bytes(digest[:8], "big") % _UID_SPAN
+
+    def _system_mount_points(self) -> list[_MountPoint]:
+        """What the root of every sandbox holds for the read-only system, parents first."""
+        points = [_MountPoint("/etc", "dir")]
+        binds: list[str] = ["/usr"]
+        for path in _SYSTEM_LINKS:
+            if os.path.islink(path):
+                points.append(_MountPoint(path, "link", os.readlink(path)))
+            elif os.path.isdir(path):
+                binds.append(path)
+        for name in _ETC_FILES:
+            if os.path.exists(f"/etc/{name}"):
+                binds.append(f"/etc/{name}")
+        binds += [str(p) for p in self.prefixes]
+        for path in binds:
+            for parent in reversed(Path(path).parents):
+                if parent != Path("/"):
+                    points.append(_MountPoint(str(parent), "dir"))
+            points.append(_MountPoint(path, "dir" if os.path.isdir(path) else "file", bind=True))
+        points += [_MountPoint(p, "dir") for p in ("/proc", "/dev", "/run", BUNDLE_MOUNT)]
+        points += [_MountPoint(p, "file") for p in ("/etc/passwd", "/etc/group")]
+        unique: dict[str, _MountPoint] = {}
+        for point in points:
+            unique.setdefault(point.path, point)  # a bind wins over the same path as a mere parent
+        return list(unique.values())
 
     def _static_args(self) -> list[str]:
         args = [
@@ -241,25 +290,42 @@ class BwrapIsolation(Isolation):
             args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             args += ["--unshare-user", "--disable-userns", "--uid", str(_INNER_ID), "--gid", str(_INNER_ID)]
-        args += ["--ro-bind", "/usr", "/usr"]
-        for path in _SYSTEM_LINKS:
-            if os.path.islink(path):
-                args += ["--symlink", os.readlink(path), path]
-            elif os.path.isdir(path):
-                args += ["--ro-bind", path, path]
-        args += ["--perms", "0755", "--dir", "/etc"]
-        for name in _ETC_FILES:
-            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        # The private /tmp first: a Python installed under /tmp (a CI checkout's venv) is bound on top.
-        args += ["--tmpfs", "/tmp"]
-        for prefix in self.prefixes:
-            for parent in reversed(prefix.parents):
-                if parent != Path("/"):
-                    # bwrap would create missing parents as 0700 root: the sandbox user could not pass.
-                    args += ["--perms", "0755", "--dir", str(parent)]
-            args += ["--ro-bind", str(prefix), str(prefix)]
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "0755", "--dir", "/run"]
         return args
+
+    def _system_args(self) -> list[str]:
+        """The read-only system on the mount points of the sandbox's root (after ``--bind root /``)."""
+        args: list[str] = []
+        for point in self._mount_points:
+            if point.bind:
+                args += ["--ro-bind", point.path, point.path]
+        return [*args, "--proc", "/proc", "--dev", "/dev"]
+
+    def workdir(self, directory: Path) -> Path:
+        return directory / SANDBOX_HOME.lstrip("/")
+
+    def prepare_directory(self, sandbox_id: str, directory: Path) -> None:
+        super().prepare_directory(sandbox_id, directory)
+        for point in self._mount_points:
+            _lay_mount_point(directory, point)
+        home = self.workdir(directory)
+        if home.is_symlink() or (home.exists() and not home.is_dir()):
+            home.unlink()
+        if not home.exists():
+            home.mkdir(mode=0o755)
+            home.chmod(0o755)  # whatever the umask
+        tmp = directory / "tmp"
+        if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+            tmp.unlink()
+        tmp.mkdir(exist_ok=True)
+        uid = self.sandbox_uid(sandbox_id)
+        if uid is not None:
+            os.chown(home, uid, uid)
+            # Root-owned and sticky, like /tmp: the sandbox writes anywhere in it, and
+            # cannot remove or replace the root-owned mount points bwrap mounts on.
+            for path in (directory, tmp):
+                os.chown(path, 0, 0)
+        os.chmod(tmp, 0o1777)
+        os.chmod(directory, 0o1777 if uid is not None else 0o755)
 
     def command(self, sandbox_id: str, program: list[str], script: Path, directory: Path, bundle: Path) -> Command:
         inner_script = f"{BUNDLE_MOUNT}/{script.name}"
@@ -267,6 +333,10 @@ class BwrapIsolation(Isolation):
             *self._static,
             "--hostname",
             sandbox_id,
+            "--bind",
+            str(directory),
+            "/",
+            *self._system_args(),
             "--ro-bind",
             str(bundle),
             BUNDLE_MOUNT,
@@ -276,11 +346,8 @@ class BwrapIsolation(Isolation):
             "--ro-bind",
             str(bundle / "group"),
             "/etc/group",
-            "--bind",
-            str(directory),
-            SANDBOX_MOUNT,
             "--chdir",
-            SANDBOX_MOUNT,
+            SANDBOX_HOME,
         ]
         uid = self.sandbox_uid(sandbox_id)
         inner = ["--"]
@@ -289,10 +356,11 @@ class BwrapIsolation(Isolation):
             inner += [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--"]
         inner += [*program, inner_script]
         env = {
-            "PATH": os.path.dirname(sys.executable) + os.pathsep + _STANDARD_PATH,
-            "HOME": SANDBOX_MOUNT,
+            "PATH": os.pathsep.join([f"{SANDBOX_HOME}/.local/bin", os.path.dirname(self.python), _STANDARD_PATH]),
+            "HOME": SANDBOX_HOME,
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "1",
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
             "USER": "sandbox",
         }
         argv = self._with_limits([self.bwrap], processes=uid is not None)
@@ -306,20 +374,26 @@ class BwrapIsolation(Isolation):
     def account_files(self, sandbox_id: str) -> tuple[str, str]:
         """``/etc/passwd`` and ``/etc/group`` as the sandbox sees them."""
         uid = self.sandbox_uid(sandbox_id) or _INNER_ID
-        passwd = f"root:x:0:0:root:/root:/bin/sh\nsandbox:x:{uid}:{uid}:sandbox:{SANDBOX_MOUNT}:/bin/bash\n"
+        passwd = f"root:x:0:0:root:/root:/bin/sh\nsandbox:x:{uid}:{uid}:sandbox:{SANDBOX_HOME}:/bin/bash\n"
         group = f"root:x:0:\nsandbox:x:{uid}:\n"
         return passwd, group
 
     async def check(self) -> None:
         """Run one confined ``true``: fails here, at startup, rather than at the first exec."""
-        argv = [self.bwrap, *self._static, "--hostname", "sandbox-check"]
+        with tempfile.TemporaryDirectory(prefix="sandbox-check-") as scratch:
+            await asyncio.to_thread(self.prepare_directory, "sandbox-check", Path(scratch))
+            await self._run_check(Path(scratch))
+
+    async def _run_check(self, root: Path) -> None:
+        argv = [self.bwrap, *self._static, "--hostname", "sandbox-check", "--bind", str(root), "/"]
+        argv += self._system_args()
         if self.as_root:
             assert self._setpriv is not None
             uid = str(_UID_BASE + _UID_SPAN)
             argv += ["--", self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
         else:
             argv += ["--"]
-        argv += [sys.executable, "-S", "-c", "pass"]
+        argv += [self.python, "-S", "-c", "pass"]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -327,6 +401,52 @@ class BwrapIsolation(Isolation):
         if proc.returncode != 0:
             reason = stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
             raise IsolationError(f"bubblewrap does not work here: {reason}")
+
+
+def _sandbox_python() -> str:
+    """The base interpreter when it has pip, else ours.
+
+    A venv's interpreter (the server's, often) has no user site, so ``pip
+    install`` in a sandbox could only write into the venv, which is read-only
+    there. The base interpreter installs into ``$HOME/.local``, which is the
+    sandbox's own and persists like the rest of its files.
+    """
+    base = getattr(sys, "_base_executable", sys.executable)
+    if sys.prefix == sys.base_prefix or not os.path.exists(base):
+        return sys.executable
+    purelib = sysconfig.get_path("purelib", vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    return base if os.path.isdir(os.path.join(purelib, "pip")) else sys.executable
+
+
+@dataclass(frozen=True, slots=True)
+class _MountPoint:
+    """An entry of a sandbox's root that the server owns: a mount point, or a link of the system's."""
+
+    path: str
+    kind: Literal["dir", "file", "link"]
+    target: str = ""
+    #: The host's path of the same name is bound here (read-only).
+    bind: bool = False
+
+
+def _lay_mount_point(root: Path, point: _MountPoint) -> None:
+    """Make ``point`` exist under ``root`` as the server's (root-owned when we are root), whatever is in the way."""
+    path = root / point.path.lstrip("/")
+    if path.is_symlink() and (point.kind != "link" or os.readlink(path) != point.target):
+        path.unlink()
+    elif path.exists() and not path.is_symlink() and (point.kind == "link" or (point.kind == "dir") != path.is_dir()):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if point.kind == "link":
+        if not path.is_symlink():
+            path.symlink_to(point.target)
+    elif point.kind == "dir":
+        path.mkdir(mode=0o755, exist_ok=True)
+    else:
+        path.touch(mode=0o644, exist_ok=True)
+    if os.geteuid() == 0:
+        os.lchown(path, 0, 0)
+    if point.kind != "link":
+        path.chmod(0o755 if point.kind == "dir" else 0o644)
 
 
 def _python_prefixes() -> list[Path]:

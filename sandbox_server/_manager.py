@@ -25,6 +25,7 @@ from ._errors import (
 )
 from ._execution import KILL_PIPE_GRACE
 from ._isolation import BwrapIsolation, Isolation, Limits, NoIsolation
+from ._janitor import Janitor
 from ._lease import HeldLease, LeaseError, LeaseStore, Waiter
 from ._observer import Notify, quietly, tell
 from ._sandbox import Sandbox, hash_token
@@ -69,6 +70,8 @@ class SandboxManager:
         self.state_dir = state_dir
         self.isolation = isolation if isolation is not None else NoIsolation(Limits())
         self.instance_id = instance_id or secrets.token_hex(8)
+        self.isolation.uid_salt = self.instance_id
+        self.janitor = Janitor()
         self.checkpoint_enabled = checkpoint_enabled
         self.snapshots_enabled = snapshots_enabled
         self.output_limit = output_limit
@@ -135,6 +138,8 @@ class SandboxManager:
             logger.warning("the state directory is inside a directory that sandboxes can read: they can see each other")
         if self.checkpoint_enabled:
             logger.info("checkpoints keep a sandbox's files only: its processes cannot be saved without gVisor")
+        self.janitor.start()
+        self.janitor.track("dir", self.instance_dir)
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.bundles_dir.mkdir(parents=True, exist_ok=True)
         self.storage.prepare()
@@ -550,3 +555,4 @@ class SandboxManager:
                 with contextlib.suppress(OSError):
                     self.leases.release(sandbox.lease)
         shutil.rmtree(self.instance_dir, ignore_errors=True)
+        await asyncio.to_thread(self.janitor.stop)

@@ -13,7 +13,6 @@ import hmac
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ from sandbox_proto import CreateOptions, ExecutionView, ProcessPhase
 
 from ._errors import ExecutionStartError
 from ._execution import KILL_PIPE_GRACE, Execution
+from ._janitor import kill_processes_of
 from ._lease import HeldLease
 from ._observer import SandboxObserver
 from ._output import OutputLog
@@ -73,6 +73,11 @@ class Sandbox:
         #: The handoff lock, for sandboxes created with ``enable_sandbox_handoff``.
         self.lease: HeldLease | None = None
         self.last_activity = asyncio.get_running_loop().time()
+
+    @property
+    def workdir(self) -> Path:
+        """The host path of the working directory of its execs."""
+        return self.manager.isolation.workdir(self.directory)
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.id}{' deleted' if self.deleted else ''}>"
@@ -127,13 +132,16 @@ class Sandbox:
         if self.busy:
             raise ExecutionStartError("An execution is already in progress.")
         isolation = self.manager.isolation
+        uid = isolation.sandbox_uid(self.id)
+        if uid is not None:
+            self.manager.janitor.track("uid", uid)  # idempotent
         code_limit = isolation.limits.code
         size = len(code.encode("utf-8", "surrogatepass"))
         if code_limit and size > code_limit:
             raise ExecutionStartError(f"Code too large: {size} bytes; this server accepts at most {code_limit}.")
         if language == "python":
             script = self.bundle_dir / "main.py"
-            program = [sys.executable, "-u"]
+            program = [isolation.python, "-u"]
         else:
             script = self.bundle_dir / "main.sh"
             program = [self.manager.bash]
@@ -143,13 +151,13 @@ class Sandbox:
         self.log.mark_delivered(self.log.last_seq)
         execution = Execution(self, language, ref)
         try:
-            # User code may have removed its own directory; give it a fresh one rather than fail.
-            if not self.directory.is_dir():
+            # User code may have removed its working directory; give it a fresh one rather than fail.
+            if not self.workdir.is_dir():
                 await asyncio.to_thread(isolation.prepare_directory, self.id, self.directory)
             self.manager.prepare_bundle(self)
             script.write_text(code, encoding="utf-8", errors="surrogatepass")
             script.chmod(0o644)
-            await execution.start(command, self.directory)
+            await execution.start(command, self.workdir)
         except OSError as exc:
             # Never the path: only the OS's reason.
             logger.warning("sandbox %s: cannot start %s: %s", self.id, language, exc)
@@ -171,23 +179,40 @@ class Sandbox:
         if ex is not None and not self.log.full:
             ex.resume_reading()
 
+    def add_process_group(self, pgid: int) -> None:
+        self.process_groups.add(pgid)
+        self.manager.janitor.track("pg", pgid)
+
     def _prune_process_groups(self) -> None:
         for pgid in list(self.process_groups):
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
                 self.process_groups.discard(pgid)
+                self.manager.janitor.forget("pg", pgid)
             except PermissionError:
                 pass
 
     def kill_all(self) -> None:
-        """SIGKILL every process group this sandbox ever started that may still live."""
+        """SIGKILL every process this sandbox ever started that may still live.
+
+        Under bwrap as root every one of them runs as the sandbox's own uid,
+        which no process can leave: killing by uid misses none, even one
+        started in the instant bwrap's own processes were killed.
+        """
         if self.execution is not None and self.execution.running:
             self.execution.kill()
         for pgid in list(self.process_groups):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
+            self.manager.janitor.forget("pg", pgid)
         self.process_groups.clear()
+        uid = self.manager.isolation.sandbox_uid(self.id)
+        if uid is not None:
+            if not kill_processes_of({uid}, timeout=KILL_PIPE_GRACE):
+                logger.error("sandbox %s: processes of uid %d survive SIGKILL", self.id, uid)
+            if self.deleted:
+                self.manager.janitor.forget("uid", uid)
 
     async def wait_execution_end(self) -> None:
         """Wait (bounded) for a killed exec's pipes to close, and its stdin writer to stop."""

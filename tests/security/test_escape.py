@@ -40,8 +40,9 @@ def sandbox_dirs(state_dir: Path, sandbox_id: str) -> list[Path]:
     return list(state_dir.glob(f"instances/*/sandboxes/{sandbox_id}"))
 
 
-async def test_writes_outside_the_sandbox_directory_fail(isolated: ServerThread, state_dir: Path) -> None:
-    targets = ["/etc/escape", "/usr/escape", "/root/escape", "/work/escape", str(state_dir / "escape"), "/escape"]
+async def test_writes_outside_the_sandboxs_own_files_fail(isolated: ServerThread, state_dir: Path) -> None:
+    # The sandbox's root is its own (as on the real service), so /escape stays inside it.
+    targets = ["/etc/escape", "/usr/escape", "/root/escape", "/work/escape", str(state_dir / "escape"), "/proc/escape"]
     code = f"""
         import sys
         for path in {targets!r}:
@@ -52,6 +53,7 @@ async def test_writes_outside_the_sandbox_directory_fail(isolated: ServerThread,
             else:
                 print("WROTE", path)
         open("inside.txt", "w").write("fine")
+        open("/escape", "w").write("mine")
         print(open("/sandbox/inside.txt").read())
         """
     async with Sandbox.create(isolated.url) as sandbox:
@@ -61,8 +63,9 @@ async def test_writes_outside_the_sandbox_directory_fail(isolated: ServerThread,
         assert out.count("denied") == len(targets)
         assert out.endswith("fine\n")
         (directory,) = sandbox_dirs(state_dir, sandbox.sandbox_id)
-        assert (directory / "inside.txt").read_text() == "fine"
-    assert not any(map(os.path.exists, targets))
+        assert (directory / "sandbox" / "inside.txt").read_text() == "fine"
+        assert (directory / "escape").read_text() == "mine"
+    assert not any(map(os.path.exists, [*targets, "/escape"]))
     await assert_server_up(isolated.url)
 
 
@@ -86,7 +89,7 @@ async def test_another_sandboxs_files_are_out_of_reach(isolated: ServerThread, s
     async with Sandbox.create(isolated.url) as first, Sandbox.create(isolated.url) as second:
         await run(first, "bash", "echo secret > secret.txt")
         (directory,) = sandbox_dirs(state_dir, first.sandbox_id)
-        target = directory / "secret.txt"
+        target = directory / "sandbox" / "secret.txt"
         assert target.read_text() == "secret\n"
         code = f"""
             import os
