@@ -44,6 +44,9 @@ MAX_EXEC_REF = 64
 STDIN_ACK_FRAMES = 16
 #: ...or this many bytes of their data, so that what a client keeps for a resend stays bounded.
 STDIN_ACK_BYTES = 256 * 1024
+#: Largest sequence number (stdin ``seq``, ``last_seq``) accepted: every JSON reader, JavaScript's
+#: included, represents integers up to 2**53 - 1 exactly (RFC 7493, I-JSON).
+MAX_SEQ = 2**53 - 1
 
 MSG_INVALID_FORMAT = (
     "Invalid message format. 'language' and 'code' fields are required. Supported languages are: python, bash"
@@ -65,6 +68,24 @@ _SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 def unsupported_language_message(language: object) -> str:
     return f"Unsupported language: '{language}'. Supported languages are: python, bash"
+
+
+def finite_number(value: object) -> bool:
+    """A JSON number usable as a float: not a boolean, not NaN or +-Infinity, no integer beyond float range.
+
+    ``json`` reads ``NaN``/``Infinity`` literals and integers of any size (10**400 overflows ``float()``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large to convert
+        return False
+
+
+def valid_seq(value: object, minimum: int) -> bool:
+    """An integer sequence number from ``minimum`` to :data:`MAX_SEQ` (not a bool, not a float like 1.0)."""
+    return type(value) is int and minimum <= value <= MAX_SEQ
 
 
 def valid_snapshot_name(name: object) -> bool:
@@ -329,9 +350,7 @@ class ServerProtocol:
             message = MSG_HANDOFF_NEEDS_CHECKPOINT
         elif auto_checkpoint and not checkpoint:
             message = MSG_AUTO_CHECKPOINT_NEEDS_CHECKPOINT
-        elif idle is not None and (
-            isinstance(idle, bool) or not isinstance(idle, int | float) or not math.isfinite(idle)
-        ):
+        elif idle is not None and not finite_number(idle):
             message = "Invalid idle_timeout: it must be a number of seconds or null."
         elif snapshot and not valid_snapshot_name(snapshot):
             message = "Invalid filesystem snapshot name: use 1-128 of A-Z a-z 0-9 . _ - not starting with '.'."
@@ -369,6 +388,7 @@ class ServerProtocol:
             return self._stdin(obj)
         if action == "reconnect":
             last_seq = obj.get("last_seq") if "seq" in self.extensions else None
+            # Any size is harmless here: it is only compared, never stored or echoed.
             if type(last_seq) is not int or last_seq < 0:
                 last_seq = None
             return ReconnectRequested(last_seq, "stdin_seq" in self.extensions and obj.get("stdin_seq") is True)
@@ -382,7 +402,7 @@ class ServerProtocol:
         if "stdin_seq" not in self.extensions or "seq" not in obj:
             return True, None  # upstream ignores unknown keys
         seq = obj["seq"]
-        if type(seq) is not int or seq < 1:
+        if not valid_seq(seq, 1):
             self.send_error(Status.SANDBOX_STDIN_ERROR, MSG_INVALID_STDIN_SEQ)
             return False, None
         return True, seq

@@ -28,6 +28,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response as HttpResponse
+from websockets.protocol import State
 
 from sandbox_proto import (
     ALL_EXTENSIONS,
@@ -78,6 +79,20 @@ _BATCH = 256
 _STREAM_END_TIMEOUT = 5.0
 #: How long kill_process waits for the killed process to be gone before answering.
 _KILL_WAIT = 2.0
+
+# Per-connection memory (see docs/local-server.md, "Clients that stop reading").
+#: Default of ``LocalServer(send_timeout=...)``: seconds bytes waiting for a peer may make no progress.
+DEFAULT_SEND_TIMEOUT = 30.0
+#: websockets' write buffer: ``send`` waits above the high-water mark until it drains below the low one.
+WRITE_LIMIT = (64 * 2**10, 16 * 2**10)
+#: Incoming frames websockets queues before it stops reading the socket (high, low): each may be
+#: MAX_MESSAGE_SIZE, and frames are handled one at a time, so a deep queue only costs memory.
+MAX_QUEUE = (2, 0)
+#: How long a close handshake may take before the TCP connection is aborted.
+CLOSE_TIMEOUT = 2.0
+#: stop(): how long connections get to take their 1012, then to go once aborted.
+_STOP_CLOSE_GRACE = 2.0
+_STOP_ABORT_GRACE = 1.0
 
 
 _ws_logger = logging.getLogger("sandbox_server.websockets")
@@ -155,11 +170,13 @@ class _Connection:
         self._forwarder: asyncio.Task[None] | None = None
         #: Highest seq this connection has queued for sending.
         self._cursor = 0
+        #: Sends completed: each one means the write buffer drained below its low-water mark.
+        self._sends = 0
 
     # -- sending -------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Send what the protocol queued, in order, whichever task queued it."""
+    async def flush(self) -> bool:
+        """Send what the protocol queued, in order, whichever task queued it; ``False`` once closed."""
         async with self._send_lock:
             for item in self.proto.data_to_send():
                 try:
@@ -168,11 +185,44 @@ class _Connection:
                     else:
                         await self.ws.send(item)
                 except ConnectionClosed:
-                    return  # the read loop notices and cleans up
+                    return False  # the read loop notices and cleans up
+                self._sends += 1
+        # A send cut short by an abort returns normally: the state tells.
+        return self.ws.state is State.OPEN
+
+    async def _watch_writes(self) -> None:
+        """Abort the connection when bytes waiting for the peer make no progress for ``send_timeout``.
+
+        ``send`` (and websockets' own ping and close) wait without limit while
+        the peer reads nothing, holding the write buffer, the frames queued
+        behind it and the incoming queue. Aborting frees them; the output stays
+        in the sandbox's log for a reconnect.
+        """
+        timeout = self.server.send_timeout
+        transport = self.ws.transport
+        loop = asyncio.get_running_loop()
+        last_progress, last_size, last_sends = loop.time(), 0, self._sends
+        while not transport.is_closing():
+            await asyncio.sleep(min(max(timeout / 8, 0.05), 5.0))
+            size, now = transport.get_write_buffer_size(), loop.time()
+            if size == 0 or size < last_size or self._sends != last_sends:
+                last_progress = now
+            last_size, last_sends = size, self._sends
+            if now - last_progress >= timeout:
+                name = self.sandbox.id if self.sandbox is not None else "(none yet)"
+                logger.warning(
+                    "sandbox %s: the client read nothing for %.1f s (%d bytes waiting): dropping the connection",
+                    name,
+                    timeout,
+                    size,
+                )
+                transport.abort()
+                return
 
     # -- lifecycle -----------------------------------------------------------
 
     async def run(self, route: _Route) -> None:
+        watchdog = asyncio.create_task(self._watch_writes())
         try:
             ready = await self._create() if route.kind == "create" else await self._attach(route)
             if ready:
@@ -181,6 +231,7 @@ class _Connection:
         except ConnectionClosed:
             pass
         finally:
+            watchdog.cancel()
             await self._cleanup()
 
     async def _notify(self, status: Status) -> None:
@@ -188,7 +239,14 @@ class _Connection:
         await self.flush()
 
     async def _create(self) -> bool:
-        options = self.proto.receive_init(await self.ws.recv())
+        message = await self.ws.recv()
+        try:
+            options = self.proto.receive_init(message)
+        except Exception:
+            # A creation error rather than a silent close (1000) from the handler's exit.
+            logger.exception("init message failed")
+            self.proto.fail_creation("Internal server error.")
+            options = None
         if options is None:
             await self.flush()
             return False
@@ -271,8 +329,8 @@ class _Connection:
         if not self._streaming:
             # Another connection, or no one, may have seen the last exec end.
             self.proto.process = sandbox.phase()
-        request = self.proto.receive(message)
         try:
+            request = self.proto.receive(message)
             await self._dispatch(sandbox, request)
         except Exception:
             # Upstream's unanticipated-error path (7.3.6), without internals in the text.
@@ -420,8 +478,10 @@ class _Connection:
                 for chunk in frames:
                     self.proto.send_output(chunk.stream, chunk.data, chunk.seq)
                 self._cursor = frames[-1].seq
+                if not await self.flush():
+                    # Dropped or gone: what it did not take stays undelivered, for a reconnect.
+                    return
                 sandbox.mark_delivered(self._cursor)
-                await self.flush()
                 continue
             if execution.finished.is_set():
                 if self._cursor < execution.last_seq:
@@ -432,8 +492,8 @@ class _Connection:
                 break
             await log.changed.wait()
         self.proto.exec_finished(execution.exit_code, killed=execution.killed)
-        execution.done_delivered = True
-        await self.flush()
+        if await self.flush():
+            execution.done_delivered = True
 
     # -- what the sandbox tells its attached connection -------------------------
 
@@ -478,6 +538,8 @@ class LocalServer:
         isolation: IsolationMode = "auto",
         limits: Limits | None = None,
         ssl: ssl_module.SSLContext | None = None,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
+        detached_timeout: float | None = None,
     ) -> None:
         """``checkpoints``/``snapshots`` switch storage off for the "not enabled" paths (11.1).
 
@@ -494,13 +556,30 @@ class LocalServer:
         it; ``lock_wait_timeout`` how long an attach waits for another instance
         to hand a sandbox over; ``handoff_poll_interval`` how often an instance
         looks for such a waiter.
+
+        ``detached_timeout`` bounds detached work: once a sandbox has had no
+        client attached for that many seconds, its running exec and background
+        processes are killed (then the idle timeout applies as usual). ``None``
+        keeps the upstream rule: a running exec blocks idle expiry, forever.
+
+        ``send_timeout`` is how long bytes waiting for a client may make no
+        progress before the connection is dropped (its sandbox then stays
+        detached, its output kept for a reconnect).
         """
+        if not send_timeout > 0:
+            raise ValueError("send_timeout must be positive")
+        self.send_timeout = float(send_timeout)
+        #: Handlers of open WebSockets, so that stop() can cut off those that do not close.
+        self._connections: dict[asyncio.Task[None], ServerConnection] = {}
         if not 0 < lease_renewal_interval < lease_duration:
             raise ValueError("lease_renewal_interval must be positive and shorter than lease_duration")
         if protocol not in ("upstream", "extended"):
             raise ValueError(f"protocol must be 'upstream' or 'extended', not {protocol!r}")
         if isolation not in ("auto", "bwrap", "none"):
             raise ValueError(f"isolation must be 'auto', 'bwrap' or 'none', not {isolation!r}")
+        if detached_timeout is not None and not detached_timeout > 0:
+            raise ValueError("detached_timeout must be positive, or None for no limit")
+        self.detached_timeout = detached_timeout
         self.isolation: IsolationMode = isolation
         self.limits = limits if limits is not None else Limits()
         self.ssl = ssl
@@ -578,8 +657,11 @@ class LocalServer:
             lock_wait_timeout=self._lease_options["lock_wait_timeout"],
             handoff_poll_interval=self._lease_options["handoff_poll_interval"],
             lock_poll_interval=self._lease_options["lock_poll_interval"],
+            detached_timeout=self.detached_timeout,
         )
         await self._manager.start()
+        if self._temporary_state is not None:
+            self._manager.janitor.track("dir", self._temporary_state)  # gone even if we are killed
         try:
             self._server = await serve(
                 self._handler,
@@ -588,6 +670,9 @@ class LocalServer:
                 process_request=self._process_request,
                 process_response=self._process_response,
                 max_size=MAX_MESSAGE_SIZE,
+                max_queue=MAX_QUEUE,
+                write_limit=WRITE_LIMIT,
+                close_timeout=CLOSE_TIMEOUT,
                 ssl=self.ssl,
                 ping_interval=20,
                 ping_timeout=20,
@@ -601,14 +686,40 @@ class LocalServer:
         logger.info("listening on %s (protocol %s)", self.url, self.protocol)
 
     async def stop(self) -> None:
-        """Close every WebSocket with 1012, kill every sandbox process, remove a temporary state dir."""
+        """Close every WebSocket with 1012, kill every sandbox process, remove a temporary state dir.
+
+        Bounded whatever the clients do (about 3 s for the connections): a
+        close frame stuck behind a client that reads nothing would otherwise
+        wait for ever, so connections still open after a grace are aborted,
+        and handlers still running after that are cancelled.
+        """
         server, self._server = self._server, None
         if server is not None:
             server.close(code=1012)
-            await server.wait_closed()
+            await self._close_connections(server)
         if self._manager is not None:
             await self._manager.shutdown()
         self._remove_temporary_state()
+
+    async def _close_connections(self, server: Server) -> None:
+        closed = asyncio.create_task(server.wait_closed())
+        try:
+            await asyncio.wait([closed], timeout=_STOP_CLOSE_GRACE)
+            if not closed.done():
+                stuck = [task for task, ws in self._connections.items() if not ws.transport.is_closing()]
+                logger.warning("%d connection(s) did not close in %s s: aborting them", len(stuck), _STOP_CLOSE_GRACE)
+                for ws in self._connections.values():
+                    ws.transport.abort()
+            handlers = list(self._connections)
+            if handlers:
+                _, pending = await asyncio.wait(handlers, timeout=_STOP_ABORT_GRACE)
+                for task in pending:  # busy elsewhere (a lock wait, a checkpoint): stop it there
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=_STOP_ABORT_GRACE)
+        finally:
+            # websockets' own close task ends by itself once its handlers have; nothing to wait for.
+            closed.cancel()
 
     async def serve_forever(self) -> None:
         """Serve until cancelled."""
@@ -648,9 +759,12 @@ class LocalServer:
         if route is None:  # process_request refused it already
             return
         connection = _Connection(self, ws, create=route.kind == "create")
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = ws
         try:
             await connection.run(route)
         except Exception:
             logger.exception("connection failed")
-        if self._temporary_state is not None:
-            self._manager.janitor.track("dir", self._temporary_state)  # gone even if we are killed
+        finally:
+            del self._connections[task]
