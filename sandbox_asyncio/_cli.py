@@ -29,6 +29,9 @@ EXIT_TIMEOUT = 124
 #: Signals that stop `sandbox exec` the way Ctrl-C does: the sandbox is killed and the
 #: local server's folder (the user's code) removed. SIGHUP: a closed terminal.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Seconds the embedded server lets a sandbox's processes run with no client attached
+#: (an exec outliving its client, e.g. while the CLI is stopping).
+EMBEDDED_DETACHED_TIMEOUT = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,7 +161,8 @@ async def _service_url(args: argparse.Namespace) -> AsyncIterator[str]:
     from sandbox_server import IsolationError, LocalServer
 
     requested: Literal["auto", "bwrap", "none"] = args.isolation or "auto"
-    server = LocalServer(host="127.0.0.1", port=0, isolation=requested)
+    # Nobody reattaches to this short-lived server's sandboxes: bound what runs unattended.
+    server = LocalServer(host="127.0.0.1", port=0, isolation=requested, detached_timeout=EMBEDDED_DETACHED_TIMEOUT)
     try:
         await server.start()
     except IsolationError as exc:

@@ -85,6 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds an attach waits for another instance to hand a sandbox over (default: 30)",
     )
     parser.add_argument(
+        "--detached-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="kill the processes of a sandbox that has had no client attached for S seconds (a running exec "
+        "otherwise blocks idle expiry forever, as upstream) (default: no limit)",
+    )
+    parser.add_argument(
         "--isolation",
         choices=("auto", "bwrap", "none"),
         default="auto",
@@ -170,6 +178,7 @@ async def _serve(args: argparse.Namespace, tls: ssl.SSLContext | None) -> None:
         isolation=args.isolation,
         limits=limits,
         ssl=tls,
+        detached_timeout=args.detached_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.lease_renewal_interval < args.lease_duration:
         parser.error("--lease-renewal-interval must be positive and shorter than --lease-duration")
+    if args.detached_timeout is not None and not args.detached_timeout > 0:
+        parser.error("--detached-timeout must be positive")
     if (args.certfile is None) != (args.keyfile is None):
         parser.error("--certfile and --keyfile go together")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

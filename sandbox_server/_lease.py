@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._storage import write_json_atomic
+from ._storage import private_dir, write_json_atomic
 
 __all__ = ["HeldLease", "LeaseError", "LeaseInfo", "LeaseStore", "Waiter"]
 
@@ -84,7 +84,7 @@ class LeaseStore:
         self._clock = clock
 
     def prepare(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
 
     def _lease_path(self, sandbox_id: str) -> Path:
         return self.directory / f"{sandbox_id}.json"

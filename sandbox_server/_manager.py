@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -29,13 +30,28 @@ from ._janitor import Janitor
 from ._lease import HeldLease, LeaseError, LeaseStore, Waiter
 from ._observer import Notify, quietly, tell
 from ._sandbox import Sandbox, hash_token
-from ._storage import MetadataError, SandboxRecord, Storage
+from ._storage import MetadataError, SandboxRecord, Storage, private_dir
 
 __all__ = ["DEFAULT_OUTPUT_LIMIT", "SandboxManager"]
 
 logger = logging.getLogger("sandbox_server")
 
 DEFAULT_OUTPUT_LIMIT = 16 * 2**20
+
+
+def _has_processes(sandbox: Sandbox) -> bool:
+    """A running exec, or a live process group of an earlier one (background processes)."""
+    if sandbox.busy:
+        return True
+    for pgid in sandbox.process_groups:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        return True
+    return False
 
 
 def _new_sandbox_id() -> str:
@@ -66,6 +82,7 @@ class SandboxManager:
         handoff_poll_interval: float = 1.0,
         lock_poll_interval: float = 0.25,
         isolation: Isolation | None = None,
+        detached_timeout: float | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.isolation = isolation if isolation is not None else NoIsolation(Limits())
@@ -80,7 +97,11 @@ class SandboxManager:
         self.lock_wait_timeout = lock_wait_timeout
         self.handoff_poll_interval = handoff_poll_interval
         self.lock_poll_interval = lock_poll_interval
-        self.storage = Storage(state_dir)
+        self.storage = Storage(state_dir, owner=self.instance_id)
+        #: Seconds an exec may run with no client attached before it is killed; ``None``: forever (upstream).
+        self.detached_timeout = detached_timeout
+        #: Since when (loop time) each sandbox has had an exec running and no client attached.
+        self._detached_since: dict[str, float] = {}
         self.leases = LeaseStore(state_dir / "leases", self.instance_id, duration=lease_duration)
         self.sandboxes: dict[str, Sandbox] = {}
         self.bash = shutil.which("bash") or "/bin/bash"
@@ -140,13 +161,23 @@ class SandboxManager:
             logger.info("checkpoints keep a sandbox's files only: its processes cannot be saved without gVisor")
         self.janitor.start()
         self.janitor.track("dir", self.instance_dir)
-        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
-        self.bundles_dir.mkdir(parents=True, exist_ok=True)
-        self.storage.prepare()
-        self.leases.prepare()
+        await asyncio.to_thread(self._prepare_state)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="sandbox-idle-sweep")
         if self.checkpoint_enabled:
             self._keeper = asyncio.create_task(self._keep_leases_forever(), name="sandbox-lease-keeper")
+
+    def _prepare_state(self) -> None:
+        """Private folders (0700), this instance's liveness lock, then the sweep of dead instances' leftovers."""
+        self.storage.prepare()
+        self.leases.prepare()
+        # The lock before the folder: another instance's sweep never takes a live folder for a dead one's.
+        self.storage.claim_instance()
+        for directory in (self.instance_dir, self.sandboxes_dir, self.bundles_dir):
+            private_dir(directory)
+        try:
+            self.storage.sweep()
+        except OSError:
+            logger.exception("sweeping the state directory failed; carrying on")
 
     def get(self, sandbox_id: str) -> Sandbox | None:
         return self.sandboxes.get(sandbox_id)
@@ -502,6 +533,27 @@ class SandboxManager:
                     sandbox.leaving = True
                     # Its own task: a connection slow to accept frames must not hold up the sweep.
                     self.spawn(self._expire(sandbox))
+            if self.detached_timeout is not None:
+                self._kill_detached(now, self.detached_timeout)
+
+    def _kill_detached(self, now: float, timeout: float) -> None:
+        """Kill the processes of sandboxes nobody has been attached to for ``timeout`` seconds.
+
+        Upstream, a running exec blocks idle expiry: one that never ends, whose
+        client went away, would run forever. After the kill the exec ends and
+        the ordinary idle rules apply.
+        """
+        for sandbox_id in [s for s in self._detached_since if s not in self.sandboxes]:
+            del self._detached_since[sandbox_id]
+        for sandbox in list(self.sandboxes.values()):
+            if sandbox.deleted or sandbox.leaving or sandbox.observer is not None or not _has_processes(sandbox):
+                self._detached_since.pop(sandbox.id, None)
+                continue
+            since = self._detached_since.setdefault(sandbox.id, now)
+            if now - since >= timeout:
+                logger.info("sandbox %s: no client attached for %ss: killing its processes", sandbox.id, timeout)
+                del self._detached_since[sandbox.id]
+                sandbox.kill_all()
 
     async def _expire(self, sandbox: Sandbox) -> None:
         """Idle expiry (7.9): auto-checkpoint if asked for, then the deletion frames only."""
@@ -555,4 +607,5 @@ class SandboxManager:
                 with contextlib.suppress(OSError):
                     self.leases.release(sandbox.lease)
         shutil.rmtree(self.instance_dir, ignore_errors=True)
+        self.storage.release_instance()
         await asyncio.to_thread(self.janitor.stop)
