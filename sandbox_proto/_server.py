@@ -66,8 +66,16 @@ MSG_CHECKPOINT_IN_PROGRESS = "Cannot checkpoint while an execution is in progres
 _SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
+#: How much of an unsupported ``language`` value its error message quotes.
+_QUOTED_LANGUAGE = 100
+
+
 def unsupported_language_message(language: object) -> str:
-    return f"Unsupported language: '{language}'. Supported languages are: python, bash"
+    quoted = str(language)
+    if len(quoted) > _QUOTED_LANGUAGE:
+        # Upstream quotes it whole; a 16 MiB value would make an error message four times its size.
+        quoted = quoted[:_QUOTED_LANGUAGE] + "..."
+    return f"Unsupported language: '{quoted}'. Supported languages are: python, bash"
 
 
 def finite_number(value: object) -> bool:

@@ -11,7 +11,7 @@ import signal
 import ssl
 import sys
 
-from ._app import LocalServer
+from ._app import DEFAULT_SEND_TIMEOUT, LocalServer
 from ._isolation import IsolationError, Limits
 
 __all__ = ["add_arguments", "main"]
@@ -91,6 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="kill the processes of a sandbox that has had no client attached for S seconds (a running exec "
         "otherwise blocks idle expiry forever, as upstream) (default: no limit)",
+    )
+    parser.add_argument(
+        "--send-timeout",
+        type=float,
+        default=DEFAULT_SEND_TIMEOUT,
+        metavar="S",
+        help="drop a client that has read nothing of what is waiting for it for S seconds; its output is kept "
+        f"for a reconnect (default: {DEFAULT_SEND_TIMEOUT:g})",
     )
     parser.add_argument(
         "--isolation",
@@ -179,6 +187,7 @@ async def _serve(args: argparse.Namespace, tls: ssl.SSLContext | None) -> None:
         limits=limits,
         ssl=tls,
         detached_timeout=args.detached_timeout,
+        send_timeout=args.send_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -205,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--lease-renewal-interval must be positive and shorter than --lease-duration")
     if args.detached_timeout is not None and not args.detached_timeout > 0:
         parser.error("--detached-timeout must be positive")
+    if not args.send_timeout > 0:
+        parser.error("--send-timeout must be positive")
     if (args.certfile is None) != (args.keyfile is None):
         parser.error("--certfile and --keyfile go together")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

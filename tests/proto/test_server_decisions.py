@@ -417,3 +417,13 @@ class TestAttach:
             assert out == [RUNNING_ALL]
             assert token_present and found and token_ok and not observed
             assert restore in (None, RestoreResult.RESTORED, RestoreResult.NOT_FOUND)
+
+
+def test_a_huge_unsupported_language_is_quoted_in_part() -> None:
+    # Upstream quotes the value whole: a 16 MiB list would make an error frame four times its size.
+    proto = server()
+    assert proto.receive(json.dumps({"language": "x" * 100_000, "code": ""})) is None
+    frames = proto.data_to_send()
+    assert frames[0] == ST("SANDBOX_EXECUTION_UNSUPPORTED_LANGUAGE_ERROR")
+    message = json.loads(frames[1])["message"]
+    assert message == f"Unsupported language: '{'x' * 100}...'. Supported languages are: python, bash"
