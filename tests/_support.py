@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,28 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
         if anyio.current_time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await anyio.sleep(0.005)
+
+
+async def start_server_process(
+    *options: str, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``python -m sandbox_server --port 0 OPTIONS`` as a real process (asyncio); it and the URL it prints."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sandbox_server",
+        "--port",
+        "0",
+        *options,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        line = (await proc.stdout.readline()).decode()
+    assert line.startswith("listening on http://127.0.0.1:"), line
+    return proc, line.split()[-1]
 
 
 class ServerThread:

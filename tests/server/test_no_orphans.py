@@ -14,11 +14,10 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _support import start_server_process
 
 from sandbox_asyncio import Sandbox
 from sandbox_proto import SandboxException
@@ -56,27 +55,6 @@ async def poll(predicate: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def start_server(tmpdir: Path, isolation: str) -> tuple[asyncio.subprocess.Process, str]:
-    """``python -m sandbox_server`` with its temporary state under ``tmpdir``."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sandbox_server",
-        "--port",
-        "0",
-        "--isolation",
-        isolation,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "TMPDIR": str(tmpdir)},
-    )
-    assert proc.stdout is not None
-    async with asyncio.timeout(30):
-        line = (await proc.stdout.readline()).decode()
-    assert line.startswith("listening on http://127.0.0.1:"), line
-    return proc, line.split()[-1]
-
-
 # Under bwrap a process that left the exec's process group and session (setsid) still dies:
 # it is in the exec's pid namespace, and it runs as the sandbox's uid.
 ESCAPES = "setsid sleep 1002.{m} >/dev/null 2>&1 < /dev/null & nohup sleep 1001.{m} >/dev/null 2>&1 &"
@@ -103,7 +81,8 @@ async def test_a_stopped_or_killed_server_leaves_no_process_and_no_folder(
     digits = str(int(marker, 16))
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    proc, url = await start_server(tmpdir, isolation)
+    # The temporary state dir goes under TMPDIR, where the test looks for leftovers.
+    proc, url = await start_server_process("--isolation", isolation, env={**os.environ, "TMPDIR": str(tmpdir)})
     try:
         sandbox = await Sandbox.create(url, timeout=30)
         escapes = ESCAPES.format(m=digits) if isolation == "bwrap" else f"sleep 1001.{digits} &"

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _support import start_server_process
 from server._server_wire import Wire, err, st
 
 from sandbox_proto import CreateOptions
@@ -260,33 +261,10 @@ def json_text(frame: dict[str, object]) -> str:
 # -- 2. crash leftovers are swept at start ----------------------------------------------------
 
 
-async def start_server_process(state: Path) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sandbox_server",
-        "--port",
-        "0",
-        "--state-dir",
-        str(state),
-        "--isolation",
-        "none",
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert proc.stdout is not None
-    async with asyncio.timeout(30):
-        line = (await proc.stdout.readline()).decode()
-    assert line.startswith("listening on "), line
-    return proc, line.split()[-1]
-
-
 async def test_a_killed_instance_leaves_nothing_after_the_next_start(tmp_path: Path) -> None:
     """SIGKILL in the middle of a checkpoint: its temporary folder and instance folder go at the next start."""
     state = tmp_path / "state"
-    proc, url = await start_server_process(state)
+    proc, url = await start_server_process("--state-dir", str(state), "--isolation", "none", "--log-level", "WARNING")
     try:
         wire = await Wire.create(url, "extended", CKPT)
         await make_files(wire)
