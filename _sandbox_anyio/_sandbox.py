@@ -13,10 +13,11 @@ what must wait: sending a reply the core queued, and reconnecting.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import ssl as ssl_module
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Self, TypedDict
 
@@ -38,6 +39,7 @@ from sandbox_proto import (
     Reconnected,
     ReconnectPolicy,
     ReconnectScheduled,
+    RunResult,
     SandboxConnectionError,
     SandboxException,
     SandboxStateError,
@@ -47,9 +49,11 @@ from sandbox_proto import (
     SetupFailed,
     SnapshotDone,
     StdinIncomplete,
+    check_exec_arguments,
+    wrap_code,
 )
 
-from . import _files
+from . import _files, _run
 from ._auth import TokenProvider, fetch_token, google_id_token_provider
 from ._process import (
     DEFAULT_KILL_TIMEOUT,
@@ -125,6 +129,32 @@ class CreateOptions(AttachOptions, total=False):
     filesystem_snapshot_name: str | None
 
 
+#: Keyword arguments the runtime packages take beside the options: named when one is misspelt.
+_RUNTIME_KEYWORDS = ("transport", "session", "nursery")
+
+
+def check_options(call: str, options: Mapping[str, object], valid: frozenset[str]) -> None:
+    """Refuse an unknown option with a :class:`TypeError` naming the nearest valid one.
+
+    Options arrive as ``**options``: without this a misspelt ``idle_timout=5``
+    would be ignored silently and the sandbox created with the default.
+    """
+    for name in options:
+        if name in valid:
+            continue
+        message = f"{call}() got an unexpected keyword argument {name!r}"
+        if name in _CREATE_KEYS:
+            raise TypeError(f"{message}: {name} is an option of Sandbox.create() only")
+        close = difflib.get_close_matches(name, [*sorted(valid), *_RUNTIME_KEYWORDS], n=1)
+        if close:
+            raise TypeError(f"{message}; did you mean {close[0]!r}?")
+        raise TypeError(f"{message}; the options are {', '.join(sorted(valid))}")
+
+
+_ATTACH_KEYS = frozenset(AttachOptions.__optional_keys__ | AttachOptions.__required_keys__)
+_CREATE_KEYS = frozenset(CreateOptions.__optional_keys__ | CreateOptions.__required_keys__)
+
+
 def _client_protocol(url: str, options: AttachOptions, **identity: Any) -> ClientProtocol:
     return ClientProtocol(
         url,
@@ -138,7 +168,11 @@ def _client_protocol(url: str, options: AttachOptions, **identity: Any) -> Clien
 
 
 def create_protocol(url: str, options: CreateOptions) -> ClientProtocol:
-    """The core for ``Sandbox.create``, from the options of the upstream client."""
+    """The core for ``Sandbox.create``, from the options of the upstream client.
+
+    Every runtime calls it first, so an unknown option is refused here for all.
+    """
+    check_options("Sandbox.create", options, _CREATE_KEYS)
     idle_timeout = options.get("idle_timeout", 60)
     init = InitRequest(
         idle_timeout=idle_timeout,
@@ -152,7 +186,8 @@ def create_protocol(url: str, options: CreateOptions) -> ClientProtocol:
 
 
 def attach_protocol(url: str, sandbox_id: str, sandbox_token: str, options: AttachOptions) -> ClientProtocol:
-    """The core for ``Sandbox.attach``."""
+    """The core for ``Sandbox.attach``; an unknown option raises :class:`TypeError`."""
+    check_options("Sandbox.attach", options, _ATTACH_KEYS)
     return _client_protocol(url, options, sandbox_id=sandbox_id, sandbox_token=sandbox_token)
 
 
@@ -502,6 +537,7 @@ class BaseSandbox:
 
     @property
     def sandbox_id(self) -> str | None:
+        """The sandbox's id (``None`` until the server has sent it); attach again with it and the token."""
         return self._protocol.sandbox_id
 
     @property
@@ -511,6 +547,9 @@ class BaseSandbox:
 
     @property
     def state(self) -> str:
+        """Where the session stands: ``"connecting"``, ``"creating"``, ``"attaching"``, ``"restoring"``,
+        ``"running"``, ``"checkpointing"``, ``"reconnecting"``, or, once it has ended,
+        ``"checkpointed"``, ``"killed"``, ``"closed"`` or ``"failed"``."""
         return self._protocol.state.value
 
     @property
@@ -521,12 +560,36 @@ class BaseSandbox:
     def __repr__(self) -> str:
         return f"<Sandbox {self.sandbox_id or '(new)'} {self.state}>"
 
-    async def exec(self, language: str, code: str, *, timeout: float | None = DEFAULT_EXEC_TIMEOUT) -> SandboxProcess:
+    async def exec(
+        self,
+        language: str,
+        code: str,
+        *,
+        timeout: float | None = DEFAULT_EXEC_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> SandboxProcess:
         """Run ``code`` (``"python"`` or ``"bash"``); returns once the process has started.
 
-        A timeout or a cancellation leaves the sandbox usable: the exec is
-        withdrawn if it was not sent yet, else killed once it starts.
+        ``env`` adds environment variables and ``cwd`` sets the working directory
+        (relative to the usual one, ``/`` upstream), for this process only. The protocol has no field for
+        either, so the client prepends a line of code that sets them (it works
+        against the upstream service too); it shares the first line with
+        ``code``, so line numbers in errors stay those of ``code``, except for
+        python code whose first line opens a ``def``, ``class``, ``if``,
+        decorator or other compound statement (or that this client's Python
+        cannot parse): that code moves down one line.
+        Values arrive verbatim (quoted, never interpreted); a variable name
+        outside ``[A-Za-z_][A-Za-z0-9_]*`` or a NUL raises :class:`ValueError`.
+        If ``cwd`` does not exist the process fails at once with a non-zero exit.
+
+        ``language`` or ``code`` not a ``str`` raises :class:`TypeError` before
+        anything is sent. A timeout or a cancellation leaves the sandbox
+        usable: the exec is withdrawn if it was not sent yet, else killed once
+        it starts.
         """
+        check_exec_arguments(language, code)
+        code = wrap_code(language, code, env=env, cwd=cwd)
         try:
             exec_id = self._protocol.exec(language, code)
         except LocalProtocolError as exc:
@@ -545,6 +608,36 @@ class BaseSandbox:
                     self._schedule_flush()
             raise
         return process
+
+    async def run(
+        self,
+        language: str,
+        code: str,
+        *,
+        stdin: str | None = None,
+        timeout: float | None = DEFAULT_WAIT_TIMEOUT,
+        check: bool = False,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> RunResult:
+        """Run ``code`` to its end and return its whole output and exit code.
+
+        Both streams are read at once, so a process that fills one of them
+        never stalls. ``stdin`` is written to the process, then its stdin is
+        closed (with or without ``stdin``: nothing else can write to it) where
+        the server offers the ``close_stdin`` extension; without
+        it (the upstream service) stdin stays open after the input, so a
+        program that reads to end-of-file (``cat``, ``sys.stdin.read()``)
+        waits until ``timeout``; read lines (``input()``, ``read``) instead.
+
+        ``timeout`` bounds the whole run (600 s by default, like :meth:`SandboxProcess.wait`;
+        ``None``: no limit): when it runs out the process is killed and :class:`SandboxTimeoutError` raised; the
+        sandbox stays usable. ``exit_code`` is ``None`` where the server cannot
+        tell (no ``exit_code`` extension). ``check=True`` raises
+        :class:`SandboxProcessError` for a known non-zero exit code. ``env`` and
+        ``cwd`` are those of :meth:`exec`.
+        """
+        return await _run.run(self, language, code, stdin=stdin, timeout=timeout, check=check, env=env, cwd=cwd)
 
     async def kill(self, *, timeout: float | None = DEFAULT_KILL_TIMEOUT) -> None:
         """Delete the sandbox on the server and close the connection.
@@ -616,6 +709,7 @@ class BaseSandbox:
     async def read_text(
         self, path: str, *, encoding: str = "utf-8", timeout: float | None = DEFAULT_WAIT_TIMEOUT
     ) -> str:
+        """The whole content of the file at ``path``, decoded with ``encoding``."""
         return (await _files.read_file(self, path, timeout)).decode(encoding)
 
     def iter_file(self, path: str, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> AsyncIterator[bytes]:

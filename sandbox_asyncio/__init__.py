@@ -8,6 +8,7 @@
 from _sandbox_anyio import PullTransport, Receiver, SandboxProcess, SandboxStream, Transport, TransportClosed
 from sandbox_proto import (
     ReconnectPolicy,
+    RunResult,
     SandboxCheckpointError,
     SandboxConnectionError,
     SandboxCreationError,
@@ -15,6 +16,7 @@ from sandbox_proto import (
     SandboxException,
     SandboxExecutionError,
     SandboxFilesystemSnapshotError,
+    SandboxProcessError,
     SandboxStateError,
     SandboxTimeoutError,
     Status,
@@ -26,6 +28,7 @@ __all__ = [
     "PullTransport",
     "Receiver",
     "ReconnectPolicy",
+    "RunResult",
     "Sandbox",
     "SandboxCheckpointError",
     "SandboxConnectionError",
@@ -35,6 +38,7 @@ __all__ = [
     "SandboxExecutionError",
     "SandboxFilesystemSnapshotError",
     "SandboxProcess",
+    "SandboxProcessError",
     "SandboxStateError",
     "SandboxStream",
     "SandboxTimeoutError",

@@ -28,6 +28,7 @@ from ._errors import (
     SandboxException,
     SandboxExecutionError,
     SandboxFilesystemSnapshotError,
+    SandboxProcessError,
     SandboxStateError,
     SandboxTimeoutError,
 )
@@ -76,6 +77,7 @@ from ._frames import (
     encode_server_frame,
 )
 from ._reconnect import Handshake, ReconnectPolicy
+from ._run import PROLOGUE_LANGUAGES, RunResult, check_exec_arguments, wrap_code
 from ._server import (
     ALL_EXTENSIONS,
     MSG_CHECKPOINT_IN_PROGRESS,
@@ -125,6 +127,7 @@ __all__ = [
     "MSG_TOKEN_INVALID",
     "MSG_TOKEN_MISSING",
     "PROCESS_STATUSES",
+    "PROLOGUE_LANGUAGES",
     "STDIN_ACK_BYTES",
     "STDIN_ACK_FRAMES",
     "AttachFacts",
@@ -176,6 +179,7 @@ __all__ = [
     "RemoteProtocolError",
     "Request",
     "RestoreResult",
+    "RunResult",
     "ResumeStream",
     "SandboxCheckpointError",
     "SandboxConnectionError",
@@ -185,6 +189,7 @@ __all__ = [
     "SandboxExecutionError",
     "SandboxFilesystemSnapshotError",
     "SandboxIdFrame",
+    "SandboxProcessError",
     "SandboxState",
     "SandboxStateError",
     "SandboxTimeoutError",
@@ -206,6 +211,7 @@ __all__ = [
     "UnknownFrame",
     "Verdict",
     "attach_url",
+    "check_exec_arguments",
     "cookie_header",
     "create_url",
     "decode_server_frame",
@@ -216,4 +222,5 @@ __all__ = [
     "redact",
     "valid_snapshot_name",
     "websocket_base",
+    "wrap_code",
 ]

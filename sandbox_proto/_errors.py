@@ -8,7 +8,12 @@ status and the text of the server's ``error`` frame.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._status import Status
+
+if TYPE_CHECKING:
+    from ._run import RunResult
 
 
 class SandboxException(Exception):
@@ -38,6 +43,18 @@ class SandboxCreationError(SandboxException):
 
 class SandboxExecutionError(SandboxException):
     """The server refused to start, or failed to run, an exec."""
+
+
+class SandboxProcessError(SandboxException):
+    """``run(..., check=True)``: the process exited with a non-zero exit code.
+
+    The process ran to its end; :attr:`result` holds its output and exit code.
+    """
+
+    def __init__(self, message: str, *, result: RunResult) -> None:
+        super().__init__(message)
+        #: The finished run: ``stdout``, ``stderr`` and ``exit_code``.
+        self.result = result
 
 
 class SandboxStateError(SandboxException):

@@ -8,6 +8,7 @@
 from _sandbox_anyio import SandboxProcess, SandboxStream
 from sandbox_proto import (
     ReconnectPolicy,
+    RunResult,
     SandboxCheckpointError,
     SandboxConnectionError,
     SandboxCreationError,
@@ -15,6 +16,7 @@ from sandbox_proto import (
     SandboxException,
     SandboxExecutionError,
     SandboxFilesystemSnapshotError,
+    SandboxProcessError,
     SandboxStateError,
     SandboxTimeoutError,
     Status,
@@ -24,6 +26,7 @@ from ._sandbox import Sandbox
 
 __all__ = [
     "ReconnectPolicy",
+    "RunResult",
     "Sandbox",
     "SandboxCheckpointError",
     "SandboxConnectionError",
@@ -33,6 +36,7 @@ __all__ = [
     "SandboxExecutionError",
     "SandboxFilesystemSnapshotError",
     "SandboxProcess",
+    "SandboxProcessError",
     "SandboxStateError",
     "SandboxStream",
     "SandboxTimeoutError",
