@@ -22,7 +22,9 @@ from .blaster import Blaster
 from .clients import LIBRARY_OF
 
 BASELINE = "raw websockets"
-ALL = ("throughput", "roundtrip", "scale", "memory", "core", "reconnect")
+ALL = ("throughput", "roundtrip", "scale", "memory", "core", "reconnect", "sync")
+#: What sandbox_sync is compared with: the async API it wraps, on the same transport.
+SYNC_BASELINE = "websockets"
 #: Measured by default; trio-websocket (trio's other transport) on request.
 TRANSPORTS = ("websockets", "aiohttp", "trio")
 ALL_TRANSPORTS = (*TRANSPORTS, "trio-websocket")
@@ -262,6 +264,60 @@ def bench_reconnect(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def bench_sync(url: str, args: argparse.Namespace) -> list[Row]:
+    """sandbox_sync against sandbox_asyncio (websockets) in the same run: what the thread hop costs."""
+    names = [SYNC_BASELINE, "sync"]
+    latencies: dict[str, list[list[float]]] = {name: [] for name in names}
+    for order in _rotations(names, args.repeats):
+        for name in order:
+            latencies[name].append(measure.round_trips(name, url, args.execs))
+        _log("sync round trip: " + ", ".join(f"{n} {_median(latencies[n][-1]) * 1e6:.0f}us" for n in order))
+
+    def describe_latency(name: str) -> str:
+        runs = latencies[name]
+        median = _median([_median(r) for r in runs]) * 1e6
+        return f"median {median:.0f} us, p99 {_median([_p99(r) for r in runs]) * 1e6:.0f} us"
+
+    pairs = list(zip(latencies[SYNC_BASELINE], latencies["sync"], strict=True))
+    ratio = _median([_median(t) / _median(b) for b, t in pairs])
+    p99 = _median([_p99(t) / _p99(b) for b, t in pairs])
+    rows = [
+        Row(
+            f"7. sync: exec round trip x {args.execs:,}",
+            "sync",
+            describe_latency("sync"),
+            f"asyncio websockets: {describe_latency(SYNC_BASELINE)}",
+            f"{ratio:.2f}x time (p99 {p99:.2f}x)",
+            "(report)",
+            "-",
+        )
+    ]
+    for count, size in ((args.small_frames, 64), (args.large_frames, 4096)):
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for order in _rotations(names, args.throughput_repeats):
+            for name in order:
+                times[name].append(measure.throughput(name, url, count, size))
+            _log(f"sync throughput {count}x{size}: " + ", ".join(f"{n} {count / times[n][-1]:,.0f}/s" for n in order))
+
+        def describe(name: str, times: dict[str, list[float]] = times, count: int = count, size: int = size) -> str:
+            seconds = _median(times[name])
+            return f"{count / seconds:,.0f} msg/s, {count * size / seconds / MB:,.1f} MB/s"
+
+        speed = _median([b / t for b, t in zip(times[SYNC_BASELINE], times["sync"], strict=True)])
+        rows.append(
+            Row(
+                f"7. sync: output {count:,} x {size} B",
+                "sync",
+                describe("sync"),
+                f"asyncio websockets: {describe(SYNC_BASELINE)}",
+                f"{speed:.2f}x throughput",
+                "(report)",
+                "-",
+            )
+        )
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     header = Row("benchmark", "client", "result", "baseline (raw websockets loop)", "ratio", "goal", "met")
     table = [header, *rows]
@@ -294,7 +350,7 @@ def profile(url: str, name: str, args: argparse.Namespace) -> None:
 
 
 def _owner(filename: str) -> str:
-    for part in ("sandbox_proto", "_sandbox_anyio", "sandbox_asyncio", "sandbox_trio"):
+    for part in ("sandbox_proto", "_sandbox_anyio", "sandbox_asyncio", "sandbox_trio", "sandbox_sync"):
         if f"/{part}/" in filename:
             return "ours"
     for part in ("websockets", "aiohttp", "trio_websocket", "wsproto", "h11", "anyio", "trio"):
@@ -371,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         "roundtrip": bench_roundtrip,
         "scale": bench_scale,
         "memory": bench_memory,
+        "sync": bench_sync,
     }
     rows: list[Row] = []
     with Blaster() as blaster:

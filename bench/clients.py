@@ -214,6 +214,24 @@ class OursTrioWebsocket(OursTrio):
     library = "trio-websocket"
 
 
+class OursSync(Kind):
+    """``sandbox_sync``: blocking calls, each crossing to its background loop. Not async: see ``measure``."""
+
+    ours = True
+    name = "sync"
+
+    def open_sync(self, url: str, **options: Any) -> Any:
+        from sandbox_sync import Sandbox
+
+        return Sandbox.create(url, **options)
+
+    def collect_sync(self, conn: Any, count: int, size: int) -> int:
+        process = conn.exec("python", wire.exec_code(count, size), timeout=Ours.exec_timeout)
+        out = process.stdout.read_all()
+        process.wait()
+        return len(out)
+
+
 KINDS: dict[str, type[Kind]] = {
     "raw websockets": RawWebsockets,
     "raw aiohttp": RawAiohttp,
@@ -223,6 +241,7 @@ KINDS: dict[str, type[Kind]] = {
     "aiohttp": OursAiohttp,
     "trio": OursTrio,
     "trio-websocket": OursTrioWebsocket,
+    "sync": OursSync,
 }
 #: The library ceiling of each of our transports, to split our cost from the library's.
 LIBRARY_OF = {

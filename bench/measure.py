@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from . import wire
-from .clients import Ours, make
+from .clients import Ours, OursSync, make
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -33,6 +33,8 @@ def rss() -> int:
 def throughput(kind_name: str, url: str, count: int, size: int) -> float:
     """Seconds from the exec request to the last byte of ``count`` frames of ``size``."""
     kind = make(kind_name)
+    if isinstance(kind, OursSync):
+        return _sync_throughput(kind, url, count, size)
 
     async def main() -> float:
         async with kind.scope():
@@ -52,6 +54,8 @@ def throughput(kind_name: str, url: str, count: int, size: int) -> float:
 def round_trips(kind_name: str, url: str, count: int) -> list[float]:
     """Latency of each of ``count`` sequential execs with no output, in seconds."""
     kind = make(kind_name)
+    if isinstance(kind, OursSync):
+        return _sync_round_trips(kind, url, count)
 
     async def main() -> list[float]:
         latencies = []
@@ -68,6 +72,38 @@ def round_trips(kind_name: str, url: str, count: int) -> list[float]:
         return latencies
 
     return anyio.run(main, backend=kind.backend)
+
+
+def _sync_throughput(kind: OursSync, url: str, count: int, size: int) -> float:
+    """As :func:`throughput`, from a plain thread with no event loop of its own (as a script runs)."""
+    conn = kind.open_sync(url)
+    try:
+        kind.collect_sync(conn, 200, size)
+        start = time.perf_counter()
+        got = kind.collect_sync(conn, count, size)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.kill()
+    if got != count * size:
+        raise AssertionError(f"sync: received {got} characters, expected {count * size}")
+    return elapsed
+
+
+def _sync_round_trips(kind: OursSync, url: str, count: int) -> list[float]:
+    """As :func:`round_trips`: each exec is three blocking calls (exec, read_all, wait)."""
+    conn = kind.open_sync(url)
+    latencies = []
+    try:
+        for _ in range(50):
+            kind.collect_sync(conn, 0, 0)
+        clock = time.perf_counter
+        for _ in range(count):
+            start = clock()
+            kind.collect_sync(conn, 0, 0)
+            latencies.append(clock() - start)
+    finally:
+        conn.kill()
+    return latencies
 
 
 def core(count: int, size: int) -> tuple[float, float]:

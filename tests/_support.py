@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from _sync_facade import Opening
 
 import sandbox_asyncio
+import sandbox_sync
 import sandbox_trio
 from sandbox_server import LocalServer
 
@@ -235,6 +237,8 @@ class Client:
 
     @property
     def module(self) -> Any:
+        if self.transport == "sync":
+            return sandbox_sync
         return sandbox_trio if self.transport.startswith("trio") else sandbox_asyncio
 
     def _options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -247,7 +251,11 @@ class Client:
         return options
 
     def create(self, url: str, **options: Any) -> Any:
+        if self.transport == "sync":  # blocking calls behind an async face: see _sync_facade
+            return Opening(lambda: sandbox_sync.Sandbox.create(url, **options))
         return self.module.Sandbox.create(url, **self._options(options))
 
     def attach(self, url: str, sandbox_id: str, token: str, **options: Any) -> Any:
+        if self.transport == "sync":
+            return Opening(lambda: sandbox_sync.Sandbox.attach(url, sandbox_id, token, **options))
         return self.module.Sandbox.attach(url, sandbox_id, token, **self._options(options))
