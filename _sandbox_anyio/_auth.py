@@ -17,6 +17,8 @@ import anyio.to_thread
 
 from sandbox_proto import SandboxConnectionError, SandboxException
 
+from ._extras import install_hint
+
 TokenProvider = Callable[[], str | Awaitable[str]]
 
 
@@ -55,9 +57,11 @@ def google_id_token_provider(url: str) -> Callable[[], str]:
             import google.auth.exceptions
             import google.auth.transport.requests
             import google.oauth2.id_token
-        except ImportError:
+        except ImportError as exc:
+            # A connection error, as any token failure is, raised by the first connect: the
+            # ``await`` that opens the sandbox.
             raise SandboxConnectionError(
-                "use_google_auth needs google-auth: pip install 'cloud-run-sandbox[google]'"
+                f"use_google_auth needs google-auth ({exc.name or exc} is missing): {install_hint('google')}"
             ) from None
         request = google.auth.transport.requests.Request()
         try:

@@ -211,7 +211,8 @@ class WebsocketsTransportBase(ABC):
         except TimeoutError:
             raise SandboxConnectionError(f"{safe}: no WebSocket handshake within {timeout:g}s") from None
         except self.connect_errors as exc:
-            raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc))}") from None
+            # Some errors have no text (ConnectionResetError()): their name is the reason then.
+            raise SandboxConnectionError(f"{safe}: cannot connect: {redact(str(exc) or type(exc).__name__)}") from None
         assert ws.response is not None
         self._ws = ws
         cookies = ws.response.headers.get_all("Set-Cookie")

@@ -55,8 +55,16 @@ class HandshakeRefused(SandboxConnectionError):
 
     def __init__(self, safe_url: str, http_status: int) -> None:
         hint = ""
-        if http_status in (401, 403):
+        if http_status == 401:
             hint = " (behind Cloud Run IAM: check the Authorization header and the roles/run.invoker role)"
+        elif http_status == 403:
+            # Cloud Run IAM refuses with 403, and so do servers (ours) for a path that is no endpoint.
+            hint = (
+                " (a URL with a wrong path: give the service's root URL; or, behind Cloud Run IAM,"
+                " check the Authorization header and the roles/run.invoker role)"
+            )
+        elif http_status == 404:
+            hint = " (no sandbox endpoint under this URL: give the service's root URL)"
         super().__init__(f"{safe_url}: server refused the WebSocket with HTTP {http_status}{hint}")
         self.http_status = http_status
 

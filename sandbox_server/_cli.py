@@ -206,8 +206,9 @@ async def _serve(args: argparse.Namespace, tls: ssl.SSLContext | None) -> None:
             loop.remove_signal_handler(signum)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sandbox_server", description="Local Cloud Run Sandbox server.")
+def main(argv: list[str] | None = None, *, prog: str = "python -m sandbox_server") -> int:
+    """Run the server; ``prog`` is the command's name in help and errors (``sandbox serve`` there)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Local Cloud Run Sandbox server.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.lease_renewal_interval < args.lease_duration:

@@ -10,12 +10,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import warnings
 from collections.abc import Callable, Coroutine, Generator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Unpack
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Unpack
 
-import trio
+from _sandbox_anyio._extras import raise_for_missing_extra
+
+try:
+    import trio
+except ModuleNotFoundError as exc:  # the first import of trio when sandbox_trio is imported
+    raise_for_missing_extra(exc, "trio", "sandbox_trio")
+    raise
 
 from _sandbox_anyio import (
     PING_INTERVAL,
@@ -45,7 +52,11 @@ def _make_transport(transport: TransportName, options: AttachOptions) -> Websock
     if transport == "websockets":
         return WebsocketsTransport(ping_interval=ping_interval, ping_timeout=ping_timeout)
     if transport == "trio-websocket":
-        from ._trio_websocket import TrioWebsocketTransport  # needed only by those who ask for it
+        try:
+            from ._trio_websocket import TrioWebsocketTransport  # needed only by those who ask for it
+        except ModuleNotFoundError as exc:
+            raise_for_missing_extra(exc, "trio", "transport='trio-websocket'")
+            raise
 
         return TrioWebsocketTransport(ping_interval=ping_interval, ping_timeout=ping_timeout)
     raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'trio-websocket'")
@@ -66,16 +77,54 @@ class _Opening:
 
     ``async with`` opens a nursery for the sandbox's tasks and kills the sandbox
     at the end; ``await`` needs ``nursery=`` (the sandbox then lives as long as it).
+    Used any other way (a forgotten ``async with``, a plain ``with``) it says so where the
+    mistake is.
     """
 
-    def __init__(self, sandbox: Sandbox, timeout: float | None, nursery: trio.Nursery | None) -> None:
+    def __init__(
+        self, sandbox: Sandbox, timeout: float | None, nursery: trio.Nursery | None, call: str = "create"
+    ) -> None:
         self._sandbox = sandbox
         self._timeout = timeout
         self._nursery = nursery
         self._own_nursery: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._own_scope: trio.CancelScope | None = None
+        self._call = call
+        self._used = False
+
+    if not TYPE_CHECKING:
+        # At run time only: for mypy, ``Sandbox.create(url).exec`` and a plain ``with`` stay errors.
+        def __getattr__(self, name: str) -> NoReturn:
+            # Reached only for names this class lacks: a sandbox's (exec, kill, ...) asked of the
+            # unopened call. Private and dunder lookups (copy, pickle, inspect) keep their AttributeError.
+            if name.startswith("_"):
+                raise AttributeError(name)
+            self._used = True
+            call = f"Sandbox.{self._call}"
+            raise TypeError(
+                f"{call}() must be opened: `async with {call}(...) as sb:`, or "
+                f"`sb = await {call}(..., nursery=nursery)` (`.{name}` was used on the unopened call)"
+            )
+
+        def __enter__(self) -> NoReturn:
+            self._used = True
+            call = f"Sandbox.{self._call}"
+            raise TypeError(
+                f"{call}() is asynchronous: write `async with {call}(...) as sb:` in async code, "
+                "or use sandbox_sync.Sandbox for blocking code"
+            )
+
+        def __exit__(self, *exc_info: object) -> None:
+            """Never reached (``__enter__`` raises): ``with`` needs both to call ``__enter__`` at all."""
+
+    def __del__(self) -> None:
+        # As Python's "coroutine ... was never awaited": a bare ``Sandbox.create(url)`` line
+        # otherwise does nothing, silently.
+        if not self._used:
+            warnings.warn(f"Sandbox.{self._call}() was never opened", RuntimeWarning, stacklevel=1)
 
     def __await__(self) -> Generator[Any, None, Sandbox]:
+        self._used = True
         if self._nursery is None:
             raise SandboxStateError(
                 "on trio, use `async with Sandbox.create(...)`, or pass nursery= to keep the sandbox beyond a block"
@@ -83,6 +132,7 @@ class _Opening:
         return self._sandbox._open_in(self._nursery, self._timeout).__await__()
 
     async def __aenter__(self) -> Sandbox:
+        self._used = True
         if self._nursery is not None:
             return await self._sandbox._open_in(self._nursery, self._timeout)
         self._own_nursery = trio.open_nursery()
@@ -185,4 +235,4 @@ class Sandbox(BaseSandbox):
         """Attach to an existing sandbox (restoring it if it was checkpointed)."""
         protocol = attach_protocol(url, sandbox_id, sandbox_token, options)
         sandbox = cls(url, protocol, _make_transport(transport, options), options)
-        return _Opening(sandbox, open_timeout(options), nursery)
+        return _Opening(sandbox, open_timeout(options), nursery, "attach")

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-SANDBOX = [sys.executable, "-m", "sandbox_asyncio._cli"]
+SANDBOX = [sys.executable, "-m", "sandbox_cli"]
 
 
 def _run(*args: str, stdin: str = "", env_url: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -27,7 +27,7 @@ def run_cli(*args: str, path: str | None, tmpdir: Path) -> subprocess.CompletedP
     if path is not None:
         env["PATH"] = path
     return subprocess.run(
-        [sys.executable, "-m", "sandbox_asyncio._cli", "exec", *args],
+        [sys.executable, "-m", "sandbox_cli", "exec", *args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

@@ -67,7 +67,7 @@ def start_cli(isolation: str, code: str, tmpdir: Path, *extra: str) -> subproces
     env = {key: value for key, value in os.environ.items() if key != "CLOUD_RUN_URL"}
     env["TMPDIR"] = str(tmpdir)
     return subprocess.Popen(
-        [sys.executable, "-m", "sandbox_asyncio._cli", "exec", "--isolation", isolation, *extra, "bash", code],
+        [sys.executable, "-m", "sandbox_cli", "exec", "--isolation", isolation, *extra, "bash", code],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

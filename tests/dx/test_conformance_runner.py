@@ -21,7 +21,7 @@ from _support import ServerThread, silent_server
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from sandbox_asyncio._cli import main as sandbox_main
+from sandbox_cli import main as sandbox_main
 from sandbox_conformance import VECTORS, main
 
 #: What a server with checkpoint and snapshot storage cannot run, and why.

@@ -82,7 +82,7 @@ def test_the_cli_flag() -> None:
 
 
 def test_the_embedded_server_of_the_cli_bounds_detached_work() -> None:
-    from sandbox_asyncio import _cli
+    from sandbox_cli import _cli
 
     assert 0 < _cli.EMBEDDED_DETACHED_TIMEOUT <= 300
 

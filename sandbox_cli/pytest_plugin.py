@@ -43,9 +43,8 @@ import pytest
 
 if TYPE_CHECKING:
     import sandbox_trio
+    from sandbox_asyncio import Sandbox
     from sandbox_server import LocalServer
-
-    from ._sandbox import Sandbox
 
 __all__ = ["sandbox", "sandbox_server_options", "sandbox_server_url", "trio_sandbox"]
 
