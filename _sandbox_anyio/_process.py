@@ -179,6 +179,7 @@ class SandboxStream:
     """
 
     def __init__(self, name: str, budget: OutputBudget, space: Callable[[], None]) -> None:
+        #: ``"stdout"`` or ``"stderr"``.
         self.name = name
         self._buffer = OutputBuffer(budget)
         self._budget = budget
@@ -266,11 +267,14 @@ class SandboxProcess:
 
     def __init__(self, sandbox: BaseSandbox, exec_id: int, buffer_limit: int, space: Callable[[], None]) -> None:
         self._sandbox = sandbox
+        #: This exec's number within its sandbox object (1, 2, ...).
         self.exec_id = exec_id
         self._budget = OutputBudget(buffer_limit)
         #: Called when the user's buffers have room again: reading the socket resumes (back-pressure).
         self._space = space
+        #: The process's standard output, a :class:`SandboxStream`.
         self.stdout = SandboxStream("stdout", self._budget, self._space)
+        #: The process's standard error, a :class:`SandboxStream`.
         self.stderr = SandboxStream("stderr", self._budget, self._space)
         self._started = Outcome()
         self._done = Flag()
