@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import warnings
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, Unpack
+from typing import Any, Literal, Unpack
 
 from _sandbox_anyio import (
     PING_INTERVAL,
@@ -21,6 +20,7 @@ from _sandbox_anyio import (
     open_timeout,
 )
 from _sandbox_anyio._extras import raise_for_missing_extra
+from _sandbox_anyio._opening import OpeningBase
 
 from ._websockets import WebsocketsTransport
 
@@ -49,7 +49,7 @@ def _make_transport(transport: TransportName | Transport, session: Any, options:
     raise ValueError(f"unknown transport {transport!r}: use 'websockets' or 'aiohttp'")
 
 
-class _Opening:
+class _Opening(OpeningBase):
     """What ``Sandbox.create``/``attach`` return: awaitable, and an async context manager.
 
     ``sandbox = await Sandbox.create(url)`` and ``async with Sandbox.create(url) as sandbox``
@@ -58,43 +58,16 @@ class _Opening:
     rather than failing later with an ``AttributeError`` about a class the user never named.
     """
 
+    _opened_word = "awaited"
+
     def __init__(self, sandbox: Sandbox, timeout: float | None, call: str = "create") -> None:
+        super().__init__(call)
         self._sandbox = sandbox
         self._timeout = timeout
-        self._call = call
-        self._used = False
 
-    def _not_awaited(self) -> str:
+    def _how_to_open(self) -> str:
         call = f"Sandbox.{self._call}"
         return f"{call}() must be awaited: `sb = await {call}(...)` or `async with {call}(...) as sb:`"
-
-    if not TYPE_CHECKING:
-        # At run time only: for mypy, ``Sandbox.create(url).exec`` and a plain ``with`` stay errors.
-        def __getattr__(self, name: str) -> NoReturn:
-            # Reached only for names this class lacks: a sandbox's (exec, kill, ...) asked of
-            # the unawaited call. Private and dunder lookups (copy, pickle, inspect) are not a
-            # user's mistake and keep their AttributeError.
-            if name.startswith("_"):
-                raise AttributeError(name)
-            self._used = True
-            raise TypeError(f"{self._not_awaited()} (`.{name}` was used on the unawaited call)")
-
-        def __enter__(self) -> NoReturn:
-            self._used = True
-            call = f"Sandbox.{self._call}"
-            raise TypeError(
-                f"{call}() is asynchronous: write `async with {call}(...) as sb:` in async code, "
-                "or use sandbox_sync.Sandbox for blocking code"
-            )
-
-        def __exit__(self, *exc_info: object) -> None:
-            """Never reached (``__enter__`` raises): ``with`` needs both to call ``__enter__`` at all."""
-
-    def __del__(self) -> None:
-        # As Python's "coroutine ... was never awaited": a bare ``Sandbox.create(url)`` line
-        # otherwise does nothing, silently.
-        if not self._used:
-            warnings.warn(f"Sandbox.{self._call}() was never awaited", RuntimeWarning, stacklevel=1)
 
     def __await__(self) -> Generator[Any, None, Sandbox]:
         self._used = True

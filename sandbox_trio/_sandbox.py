@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import warnings
 from collections.abc import Callable, Coroutine, Generator
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from _sandbox_anyio._extras import raise_for_missing_extra
+from _sandbox_anyio._opening import OpeningBase
 
 try:
     import trio
@@ -72,7 +72,7 @@ def _spawn_threadsafe(
     token.run_sync_soon(start)
 
 
-class _Opening:
+class _Opening(OpeningBase):
     """What ``Sandbox.create``/``attach`` return on trio.
 
     ``async with`` opens a nursery for the sandbox's tasks and kills the sandbox
@@ -84,44 +84,16 @@ class _Opening:
     def __init__(
         self, sandbox: Sandbox, timeout: float | None, nursery: trio.Nursery | None, call: str = "create"
     ) -> None:
+        super().__init__(call)
         self._sandbox = sandbox
         self._timeout = timeout
         self._nursery = nursery
         self._own_nursery: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._own_scope: trio.CancelScope | None = None
-        self._call = call
-        self._used = False
 
-    if not TYPE_CHECKING:
-        # At run time only: for mypy, ``Sandbox.create(url).exec`` and a plain ``with`` stay errors.
-        def __getattr__(self, name: str) -> NoReturn:
-            # Reached only for names this class lacks: a sandbox's (exec, kill, ...) asked of the
-            # unopened call. Private and dunder lookups (copy, pickle, inspect) keep their AttributeError.
-            if name.startswith("_"):
-                raise AttributeError(name)
-            self._used = True
-            call = f"Sandbox.{self._call}"
-            raise TypeError(
-                f"{call}() must be opened: `async with {call}(...) as sb:`, or "
-                f"`sb = await {call}(..., nursery=nursery)` (`.{name}` was used on the unopened call)"
-            )
-
-        def __enter__(self) -> NoReturn:
-            self._used = True
-            call = f"Sandbox.{self._call}"
-            raise TypeError(
-                f"{call}() is asynchronous: write `async with {call}(...) as sb:` in async code, "
-                "or use sandbox_sync.Sandbox for blocking code"
-            )
-
-        def __exit__(self, *exc_info: object) -> None:
-            """Never reached (``__enter__`` raises): ``with`` needs both to call ``__enter__`` at all."""
-
-    def __del__(self) -> None:
-        # As Python's "coroutine ... was never awaited": a bare ``Sandbox.create(url)`` line
-        # otherwise does nothing, silently.
-        if not self._used:
-            warnings.warn(f"Sandbox.{self._call}() was never opened", RuntimeWarning, stacklevel=1)
+    def _how_to_open(self) -> str:
+        call = f"Sandbox.{self._call}"
+        return f"{call}() must be opened: `async with {call}(...) as sb:`, or `sb = await {call}(..., nursery=nursery)`"
 
     def __await__(self) -> Generator[Any, None, Sandbox]:
         self._used = True
