@@ -89,11 +89,23 @@ _PROCESS_EVENTS = (
 
 
 def debug_log(enabled: bool) -> logging.Logger:
+class _StderrUnlessConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to stderr only while the application has configured no logging of its own.
+
+    Once it has (a root handler), the records reach the application's handlers
+    by propagation; writing them here too would print every line twice.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
     """``enable_debug`` shows this sandbox's protocol log even when logging is not configured."""
     if not enabled:
         return logging.getLogger("sandbox_proto.client")
     if not _debug_logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrUnlessConfigured()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
         _debug_logger.addHandler(handler)
         _debug_logger.setLevel(logging.DEBUG)
