@@ -17,13 +17,14 @@ import difflib
 import logging
 import ssl as ssl_module
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Self, TypedDict
 
 import anyio
 
 from sandbox_proto import (
+    CLIENT_EXTENSIONS,
     CheckpointDone,
     ClientProtocol,
     CloseConnection,
@@ -88,7 +89,6 @@ _PROCESS_EVENTS = (
 )
 
 
-def debug_log(enabled: bool) -> logging.Logger:
 class _StderrUnlessConfigured(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to stderr only while the application has configured no logging of its own.
 
@@ -101,6 +101,7 @@ class _StderrUnlessConfigured(logging.StreamHandler):  # type: ignore[type-arg]
             super().emit(record)
 
 
+def debug_log(enabled: bool) -> logging.Logger:
     """``enable_debug`` shows this sandbox's protocol log even when logging is not configured."""
     if not enabled:
         return logging.getLogger("sandbox_proto.client")
@@ -129,6 +130,9 @@ class AttachOptions(TypedDict, total=False):
     #: no pong comes within ``ping_timeout`` (``None`` turns either off).
     ping_interval: float | None
     ping_timeout: float | None
+    #: Protocol extensions to ask the server for (default: every one this client implements);
+    #: ``()`` asks for none, so the connection speaks exactly the upstream protocol.
+    extensions: Collection[str]
 
 
 class CreateOptions(AttachOptions, total=False):
@@ -175,6 +179,7 @@ def _client_protocol(url: str, options: AttachOptions, **identity: Any) -> Clien
         headers=options.get("headers"),
         label=options.get("debug_label", ""),
         log=debug_log(options.get("enable_debug", False)),
+        extensions=options.get("extensions", CLIENT_EXTENSIONS),
         **identity,
     )
 
@@ -566,7 +571,7 @@ class BaseSandbox:
 
     @property
     def extensions(self) -> frozenset[str]:
-        """Protocol extensions the server advertised on the current connection."""
+        """Protocol extensions the server granted on the current connection (of those asked for)."""
         return self._protocol.extensions
 
     def __repr__(self) -> str:

@@ -30,8 +30,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--protocol",
         choices=("auto", "upstream", "extended"),
         default="auto",
-        help="'upstream' forbids extension fields, 'extended' requires them, "
-        "'auto' follows what the server advertises (default)",
+        help="what the vectors that check an extension (CV-02, CV-03) must be granted when they ask for "
+        "every extension: 'upstream' none (the server ignores the request), 'extended' an 'extensions' list, "
+        "'auto' whatever the server grants (default). Every other connection asks for none and must get "
+        "exactly the upstream frames, in every mode",
     )
     parser.add_argument(
         "--timeout",

@@ -61,24 +61,25 @@ async def cv01(r: Runner) -> None:
 
 
 async def cv02(r: Runner) -> None:
-    conn, _, _ = await r.create()
+    # Asks for the extensions: exit_code and seq are checked when granted, the upstream frames always.
+    conn, _, _ = await r.create(extensions=True)
     # The upstream Python client's spacing: servers must accept any JSON formatting.
     await conn.send('{"language": "python", "code": "print(6 * 7)"}')
     await conn.expect(EXEC_RUNNING)
     out = await conn.collect()
     if (out.stdout, out.stderr, out.frames) != ("42\n", "", [DONE]):
         raise Failed(f"stdout {out.stdout!r}, stderr {out.stderr!r}, frames {out.frames}")
-    r.exit_code_is(out, 0)
-    if "seq" in r.extensions and out.seqs != list(range(1, len(out.seqs) + 1)):
+    conn.exit_code_is(out, 0)
+    if "seq" in conn.extensions and out.seqs != list(range(1, len(out.seqs) + 1)):
         raise Failed(f"'seq' must start at 1 in a new sandbox and grow by 1: {out.seqs}")
 
 
 async def cv03(r: Runner) -> None:
-    conn, _, _ = await r.create()
+    conn, _, _ = await r.create(extensions=True)  # exit_code, when granted
     out = await conn.run("bash", "echo oops >&2; exit 3")
     if (out.stdout, out.stderr, out.frames) != ("", "oops\n", [DONE]):
         raise Failed(f"stdout {out.stdout!r}, stderr {out.stderr!r}, frames {out.frames}")
-    r.exit_code_is(out, 3)
+    conn.exit_code_is(out, 3)
 
 
 async def cv04(r: Runner) -> None:
@@ -208,7 +209,7 @@ async def cv18(r: Runner) -> None:
     await conn.send('{"language":"bash","code":"sleep 30"}')
     await conn.expect(EXEC_RUNNING)
     await conn.send('{"action":"kill_process"}')
-    seen = sorted([r.normalise(await conn.recv("FORCE_KILLED and DONE")) for _ in range(2)])
+    seen = sorted([conn.normalise(await conn.recv("FORCE_KILLED and DONE")) for _ in range(2)])
     if seen != sorted([st("SANDBOX_EXECUTION_FORCE_KILLED"), DONE]):
         raise Failed(f"expected FORCE_KILLED and DONE in either order, got {seen}")
     out = await conn.run("bash", "echo again")

@@ -20,9 +20,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from _sandbox_anyio import default_ssl_context
-from sandbox_proto import cookie_header, merge_set_cookies, websocket_base
+from sandbox_proto import ALL_EXTENSIONS, EXTENSIONS_PARAM, cookie_header, merge_set_cookies, websocket_base
 
 ProtocolChoice = Literal["auto", "upstream", "extended"]
+
+#: What a connection opened with ``extensions=True`` asks for: every extension of protocol.md 15.
+REQUESTED = frozenset(ALL_EXTENSIONS)
 
 #: Seconds to wait for each frame, handshake or HTTP answer.
 DEFAULT_TIMEOUT = 10.0
@@ -80,12 +83,21 @@ class ExecOutput:
 
 
 class Conn:
-    """One WebSocket to the server under test, with frame checks in the runner's protocol mode."""
+    """One WebSocket to the server under test, with frame checks in the runner's protocol mode.
 
-    def __init__(self, runner: Runner, ws: ClientConnection, what: str) -> None:
+    A connection that asked for no extension (the default, as any upstream
+    client) must get exactly the upstream frames, whatever the mode. One that
+    asked (``asked``) may get the fields of the extensions its
+    ``SANDBOX_RUNNING`` grants, and the mode says whether the server must grant.
+    """
+
+    def __init__(self, runner: Runner, ws: ClientConnection, what: str, *, asked: bool = False) -> None:
         self.runner = runner
         self.ws = ws
         self.what = what
+        self.asked = asked
+        #: Granted by this connection's SANDBOX_RUNNING (empty until then, and when it asked for none).
+        self.extensions: frozenset[str] = frozenset()
         #: The server holds a sandbox for this connection: cleanup deletes it.
         self.attached = False
         self.dropped = False
@@ -126,7 +138,7 @@ class Conn:
         """The next frames are exactly these (extension fields allowed where negotiated)."""
         for want in expected:
             raw = await self.recv(want, timeout)
-            if self.runner.normalise(raw) != want:
+            if self.normalise(raw) != want:
                 raise Failed(f"{self.what}: expected {want}, got {raw}")
             if want == RUNNING:
                 self.attached = True
@@ -165,7 +177,7 @@ class Conn:
             if obj.get("event") in ("stdout", "stderr"):
                 self.add_output(raw, obj, result)
                 continue
-            normal = self.runner.normalise(raw)
+            normal = self.normalise(raw)
             result.frames.append(normal)
             if normal == DONE:
                 code = obj.get("exit_code")
@@ -177,9 +189,9 @@ class Conn:
         data = obj.get("data")
         if not isinstance(data, str):
             raise Failed(f"{self.what}: output frame without a string 'data': {raw}")
-        if self.runner.normalise(raw) != dumps({"event": obj["event"], "data": data}):
+        if self.normalise(raw) != dumps({"event": obj["event"], "data": data}):
             raise Failed(f"{self.what}: malformed output frame {raw}")
-        if "seq" in self.runner.extensions:
+        if "seq" in self.extensions:
             seq = obj.get("seq")
             if type(seq) is not int or seq <= self._last_seq:
                 raise Failed(
@@ -210,11 +222,61 @@ class Conn:
         """Run a trivial exec: proves nothing stray was queued before it and the sandbox still works."""
         await self.send(dumps({"language": "bash", "code": "echo sentinel"}))
         raw = await self.recv("the RUNNING of a follow-up exec")
-        if self.runner.normalise(raw) != EXEC_RUNNING:
+        if self.normalise(raw) != EXEC_RUNNING:
             raise Failed(f"{self.what}: a follow-up exec got {raw} before its SANDBOX_EXECUTION_RUNNING")
         out = await self.collect()
         if (out.stdout, out.frames) != ("sentinel\n", [DONE]):
             raise Failed(f"{self.what}: a follow-up exec gave stdout {out.stdout!r} and frames {out.frames}")
+
+    def normalise(self, raw: str) -> str:
+        """``raw`` without the extension fields granted on this connection, if they follow the upstream fields.
+
+        Anything else comes back unchanged, so comparing with the expected
+        upstream frame stays a byte-for-byte comparison.
+        """
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            return raw
+        if not isinstance(obj, dict):
+            return raw
+        event, status = obj.get("event"), obj.get("status")
+        allowed: set[str] = set()
+        if event == "status_update" and status == "SANDBOX_RUNNING":
+            if self.asked and self._learn(obj):
+                allowed = {"extensions"}
+        elif event == "status_update" and status == "SANDBOX_EXECUTION_DONE" and "exit_code" in self.extensions:
+            allowed = {"exit_code"}
+        elif event in ("stdout", "stderr") and "seq" in self.extensions:
+            allowed = {"seq"}
+        if not allowed & obj.keys():
+            return raw
+        base = dumps({key: value for key, value in obj.items() if key not in allowed})
+        # Upstream fields first and byte-exact, extension fields after them.
+        return base if raw.startswith(base[:-1] + ",") else raw
+
+    def _learn(self, running: dict[str, Any]) -> bool:
+        """Take the grant of a connection that asked; whether its ``extensions`` list may stay on the frame."""
+        granted = running.get("extensions")
+        mode = self.runner.protocol
+        if granted is None:
+            if mode == "extended":
+                raise Failed(f"{self.what}: asked for extensions, SANDBOX_RUNNING has no 'extensions' list: {running}")
+            return False  # an upstream server ignores the request
+        if mode == "upstream":
+            raise Failed(
+                f"{self.what}: asked for extensions, SANDBOX_RUNNING grants some (protocol upstream): {running}"
+            )
+        if not isinstance(granted, list) or not all(isinstance(name, str) for name in granted):
+            raise Failed(f"{self.what}: SANDBOX_RUNNING with an 'extensions' value that is no list of names: {running}")
+        if not set(granted) <= REQUESTED:
+            raise Failed(f"{self.what}: SANDBOX_RUNNING grants extensions nobody asked for: {running}")
+        self.extensions = frozenset(granted)
+        return True
+
+    def exit_code_is(self, out: ExecOutput, expected: int) -> None:
+        if "exit_code" in self.extensions and out.exit_code != expected:
+            raise Failed(f"DONE must carry exit_code {expected} (extension exit_code), got {out.exit_code}")
 
     def drop(self) -> None:
         """Reset the TCP connection with no close frame, like a network failure the server sees at once."""
@@ -258,62 +320,22 @@ class Runner:
         self.timeout = timeout
         self.idle_sweep = idle_sweep
         self.headers = dict(headers or {})
-        #: ``None`` until learned from the first SANDBOX_RUNNING (``auto``).
-        self.protocol: Literal["upstream", "extended"] | None = None if protocol == "auto" else protocol
-        self.extensions: frozenset[str] = frozenset()
+        #: What a connection that asks for extensions must be granted: none, some (a list), or whatever comes.
+        self.protocol: ProtocolChoice = protocol
         self.ssl: ssl.SSLContext | None = default_ssl_context(self.base, None)
         self._conns: list[Conn] = []
         # What the server said about its storage; None until asked (and after a probe that failed).
         self._checkpoints: bool | None = None
         self._snapshots: bool | None = None
 
-    # -- frames
-
-    def normalise(self, raw: str) -> str:
-        """``raw`` without the extension fields the mode allows on it, if they follow the upstream fields.
-
-        Anything else comes back unchanged, so comparing with the expected
-        upstream frame stays a byte-for-byte comparison.
-        """
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            return raw
-        if not isinstance(obj, dict):
-            return raw
-        event, status = obj.get("event"), obj.get("status")
-        if event == "status_update" and status == "SANDBOX_RUNNING":
-            self._learn(obj)
-        allowed: set[str] = set()
-        if self.protocol == "extended":
-            if event == "status_update" and status == "SANDBOX_RUNNING":
-                allowed = {"extensions"}
-            elif event == "status_update" and status == "SANDBOX_EXECUTION_DONE" and "exit_code" in self.extensions:
-                allowed = {"exit_code"}
-            elif event in ("stdout", "stderr") and "seq" in self.extensions:
-                allowed = {"seq"}
-        if not allowed & obj.keys():
-            return raw
-        base = dumps({key: value for key, value in obj.items() if key not in allowed})
-        # Upstream fields first and byte-exact, extension fields after them.
-        return base if raw.startswith(base[:-1] + ",") else raw
-
-    def _learn(self, running: dict[str, Any]) -> None:
-        advertised = running.get("extensions")
-        if self.protocol is None:
-            self.protocol = "extended" if advertised is not None else "upstream"
-        if self.protocol == "extended":
-            if not isinstance(advertised, list) or not all(isinstance(name, str) for name in advertised):
-                raise Failed(f"SANDBOX_RUNNING without an 'extensions' list of names (protocol extended): {running}")
-            self.extensions = frozenset(advertised)
-
-    def exit_code_is(self, out: ExecOutput, expected: int) -> None:
-        if "exit_code" in self.extensions and out.exit_code != expected:
-            raise Failed(f"DONE must carry exit_code {expected} (extension exit_code), got {out.exit_code}")
-
     # -- connections
 
-    async def open(self, path: str, what: str, cookies: dict[str, str] | None = None) -> Conn:
+    async def open(
+        self, path: str, what: str, cookies: dict[str, str] | None = None, *, extensions: bool = False
+    ) -> Conn:
+        """A WebSocket to ``path``; with ``extensions`` it asks for every extension (extensions.md)."""
+        if extensions:
+            path += f"{'&' if '?' in path else '?'}{EXTENSIONS_PARAM}={','.join(sorted(REQUESTED))}"
         headers = dict(self.headers)
         if cookies and (cookie := cookie_header(cookies)):
             headers["Cookie"] = cookie
@@ -323,16 +345,19 @@ class Runner:
             )
         except TimeoutError:
             raise Failed(f"{what}: no WebSocket handshake within {self.timeout:g}s") from None
-        conn = Conn(self, ws, what)
+        conn = Conn(self, ws, what, asked=extensions)
         self._conns.append(conn)
         return conn
 
-    async def create(self, init: str = "{}", what: str = "create", *, lock: bool = False) -> tuple[Conn, str, str]:
+    async def create(
+        self, init: str = "{}", what: str = "create", *, lock: bool = False, extensions: bool = False
+    ) -> tuple[Conn, str, str]:
         """A new sandbox; returns the connection, its id and its token.
 
         ``lock``: the two lock frames of a handoff-enabled create come before the id (7.1).
+        ``extensions``: ask for them (only the vectors that check an extension do).
         """
-        conn = await self.open("/create", what)
+        conn = await self.open("/create", what, extensions=extensions)
         await conn.send(init)
         await conn.expect(st("SANDBOX_CREATING"))
         if lock:
@@ -365,13 +390,14 @@ class Runner:
         cookies: dict[str, str] | None = None,
         first: str | None = None,
         retry_in_use: bool = True,
+        extensions: bool = False,
     ) -> Conn:
         """Attach; a transient IN_USE (the server has not yet noticed the old socket go) is retried."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.timeout
         delay = 0.05
         while True:
-            conn = await self.open(self.attach_path(sandbox_id, token), what, cookies)
+            conn = await self.open(self.attach_path(sandbox_id, token), what, cookies, extensions=extensions)
             if first is not None:
                 await conn.send(first)  # as upstream clients do, before reading anything
             raw = await conn.recv("the first attach frame")

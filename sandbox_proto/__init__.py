@@ -7,6 +7,7 @@ in what arrived and send what the core hands back.
 from ._buffer import OutputBudget, OutputBuffer
 from ._client import (
     CALL_TABLE,
+    CLIENT_EXTENSIONS,
     EXT_CLOSE_STDIN,
     EXT_EXEC_REF,
     EXT_EXIT_CODE,
@@ -109,12 +110,24 @@ from ._server import (
     valid_snapshot_name,
 )
 from ._status import ERROR_FRAME_STATUSES, FATAL_STATUSES, PROCESS_STATUSES, Status, parse_status
-from ._url import RedactingFilter, attach_url, cookie_header, create_url, merge_set_cookies, redact, websocket_base
+from ._url import (
+    EXTENSIONS_PARAM,
+    RedactingFilter,
+    attach_url,
+    cookie_header,
+    create_url,
+    merge_set_cookies,
+    redact,
+    requested_extensions,
+    websocket_base,
+)
 
 __all__ = [
     "ALL_EXTENSIONS",
     "CALL_TABLE",
+    "CLIENT_EXTENSIONS",
     "ERROR_FRAME_STATUSES",
+    "EXTENSIONS_PARAM",
     "EXT_CLOSE_STDIN",
     "EXT_EXEC_REF",
     "EXT_EXIT_CODE",
@@ -220,6 +233,7 @@ __all__ = [
     "merge_set_cookies",
     "parse_status",
     "redact",
+    "requested_extensions",
     "valid_snapshot_name",
     "websocket_base",
     "wrap_code",

@@ -92,13 +92,15 @@ EXT_SEQ = "seq"
 EXT_CLOSE_STDIN = "close_stdin"
 EXT_STDIN_SEQ = "stdin_seq"
 EXT_EXEC_REF = "exec_ref"
+#: Every extension this client implements: what it asks for by default on each handshake.
+CLIENT_EXTENSIONS = frozenset({EXT_EXIT_CODE, EXT_SEQ, EXT_CLOSE_STDIN, EXT_STDIN_SEQ, EXT_EXEC_REF})
 
 _EXTENSION_SETS: dict[tuple[str, ...], frozenset[str]] = {}
 
 
-def _extension_set(names: tuple[str, ...] | None) -> frozenset[str]:
-    """One shared frozenset per distinct list: every sandbox of a server gets the same one."""
-    key = names or ()
+def _extension_set(names: tuple[str, ...] | None, requested: frozenset[str]) -> frozenset[str]:
+    """One shared frozenset per distinct grant: every sandbox of a server gets the same one."""
+    key = tuple(name for name in names or () if name in requested)
     found = _EXTENSION_SETS.get(key)
     if found is None:
         found = frozenset(key)
@@ -213,6 +215,7 @@ class ClientProtocol:
         "_queued_exec",
         "_reconnect_attempt",
         "_reconnectable",
+        "_requested",
         "_rng",
         "_sandbox_survives",
         "_session_ended",
@@ -240,11 +243,21 @@ class ClientProtocol:
         label: str = "",
         log: logging.Logger | None = None,
         rng: random.Random | None = None,
+        extensions: Iterable[str] = CLIENT_EXTENSIONS,
     ) -> None:
+        """``extensions``: those to ask the server for on every handshake (default: all this client implements)."""
         if (init is None) == (sandbox_id is None):
             raise LocalProtocolError("give either init (create) or sandbox_id (attach)")
         if sandbox_id is not None and not sandbox_token:
             raise LocalProtocolError("attach needs a non-empty sandbox_token")
+        if isinstance(extensions, str):  # "seq" would be asked for as "s", "e", "q"
+            raise LocalProtocolError("extensions must be a collection of names, not a string")
+        requested = frozenset(extensions)
+        if not requested <= CLIENT_EXTENSIONS:
+            unknown = ", ".join(sorted(requested - CLIENT_EXTENSIONS))
+            raise LocalProtocolError(f"this client does not implement the extension(s) {unknown}")
+        #: Asked for on every handshake (create, attach, each reconnect's attach); only these can be granted.
+        self._requested = requested
         self._base = websocket_base(url)
         self._init = init
         self.sandbox_id: str | None = sandbox_id
@@ -354,11 +367,11 @@ class ClientProtocol:
         """The URL and headers of the next WebSocket to open (first connect or reconnect)."""
         headers = dict(self._user_headers)
         if self.sandbox_id is None:
-            url = create_url(self._base)
+            url = create_url(self._base, self._requested)
         else:
             if not self.sandbox_token:
                 raise LocalProtocolError("the server sent no sandbox_token; this sandbox cannot be attached")
-            url = attach_url(self._base, self.sandbox_id, self.sandbox_token)
+            url = attach_url(self._base, self.sandbox_id, self.sandbox_token, self._requested)
             cookie = cookie_header(self._cookies)
             if cookie:
                 headers["Cookie"] = cookie
@@ -619,7 +632,8 @@ class ClientProtocol:
             self._end(err)
             return
         conn.running = True
-        self.extensions = _extension_set(frame.extensions)
+        # Only what was asked for: a server granting more is not trusted to mean what we would.
+        self.extensions = _extension_set(frame.extensions, self._requested)
         self.state = SandboxState.RUNNING
         self._reconnectable = True
         self._lost_at = None

@@ -110,7 +110,7 @@ _ACTIONS: dict[type[Any], str] = {
 @dataclass(frozen=True, slots=True)
 class StatusFrame:
     status: Status | str
-    #: Extension names advertised with ``SANDBOX_RUNNING`` (section 15), else ``None``.
+    #: Extension names granted with ``SANDBOX_RUNNING`` (section 15), else ``None``.
     extensions: tuple[str, ...] | None = None
     #: Extension ``exit_code`` on ``SANDBOX_EXECUTION_DONE``.
     exit_code: int | None = None

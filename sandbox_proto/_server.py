@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,11 +279,23 @@ class ServerProtocol:
         *,
         create: bool,
         extensions: tuple[str, ...] = ALL_EXTENSIONS,
+        requested: Iterable[str] | None = ALL_EXTENSIONS,
         checkpoint_enabled: bool = True,
         snapshots_enabled: bool = True,
     ) -> None:
+        """``extensions``: what the server supports; ``requested``: what the client asked for.
+
+        ``requested`` is what the handshake's ``extensions`` parameter names
+        (:func:`requested_extensions`), ``None`` when it asks for none; the
+        default, all of them, is for tests of this role alone. The connection
+        uses the extensions in both; ``SANDBOX_RUNNING`` lists them (sorted, an
+        empty list when none matched) when the client asked for any and the
+        server supports any, so that a client that asked for nothing, or a
+        server in upstream mode, gets exactly the upstream frames.
+        """
         self.is_create = create
-        self.extensions = frozenset(extensions)
+        self.extensions = frozenset(extensions) & frozenset(requested) if requested is not None else frozenset()
+        self._announce = requested is not None and bool(extensions)
         self.checkpoint_enabled = checkpoint_enabled
         self.snapshots_enabled = snapshots_enabled
         self.setup_done = False
@@ -329,9 +342,9 @@ class ServerProtocol:
         self.send(SandboxIdFrame(sandbox_id, token))
 
     def send_running(self) -> None:
-        """``SANDBOX_RUNNING``, advertising our extensions (15); setup is over."""
+        """``SANDBOX_RUNNING``, listing the extensions granted (15) when the client asked; setup is over."""
         self.setup_done = True
-        self.send(StatusFrame(Status.SANDBOX_RUNNING, tuple(sorted(self.extensions)) if self.extensions else None))
+        self.send(StatusFrame(Status.SANDBOX_RUNNING, tuple(sorted(self.extensions)) if self._announce else None))
 
     def fail_creation(self, message: str) -> None:
         self.send_error(Status.SANDBOX_CREATION_ERROR, message, close=4000)

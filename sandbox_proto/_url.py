@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 from ._errors import LocalProtocolError
 
@@ -28,12 +28,51 @@ def websocket_base(url: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
 
 
-def create_url(base: str) -> str:
-    return f"{base}/create"
+#: Query parameter of the handshake URL (create and attach) naming the extensions a client asks for.
+#: A query parameter rather than a header: proxies and Cloud Run's front end pass it through, and a
+#: browser's WebSocket can set it (it cannot set headers). See docs/extensions.md.
+EXTENSIONS_PARAM = "extensions"
+#: One extension name as it may appear in the parameter.
+_EXTENSION_NAME = re.compile(r"[a-z0-9_]{1,64}")
+#: More names than this in one request is malformed: nobody needs that many, and it bounds the work.
+MAX_REQUESTED_EXTENSIONS = 32
 
 
-def attach_url(base: str, sandbox_id: str, sandbox_token: str) -> str:
-    return f"{base}/attach/{quote(sandbox_id, safe='')}?sandbox_token={quote(sandbox_token, safe='')}"
+def _extensions_query(names: Iterable[str]) -> str:
+    # Sorted: one URL per set, so logs and tests see a stable spelling. Commas need no escaping in a query.
+    ordered = sorted(set(names))
+    return f"{EXTENSIONS_PARAM}={','.join(ordered)}" if ordered else ""
+
+
+def create_url(base: str, extensions: Iterable[str] = ()) -> str:
+    """``<base>/create``, with ``?extensions=...`` when the client asks for any."""
+    query = _extensions_query(extensions)
+    return f"{base}/create?{query}" if query else f"{base}/create"
+
+
+def attach_url(base: str, sandbox_id: str, sandbox_token: str, extensions: Iterable[str] = ()) -> str:
+    """``<base>/attach/<id>?sandbox_token=<token>``, then ``&extensions=...`` when the client asks for any."""
+    url = f"{base}/attach/{quote(sandbox_id, safe='')}?sandbox_token={quote(sandbox_token, safe='')}"
+    query = _extensions_query(extensions)
+    return f"{url}&{query}" if query else url
+
+
+def requested_extensions(query: str) -> frozenset[str] | None:
+    """The extension names a handshake's query string asks for; ``None`` when it asks for none.
+
+    The value is a comma-separated list of names (``[a-z0-9_]{1,64}``, at most
+    32). A malformed parameter (given twice, empty, an empty or ill-formed
+    name, too many) counts as asking for none: the connection then gets the
+    upstream protocol, which every client can speak. Unknown but well-formed
+    names are returned; the server ignores those it does not support.
+    """
+    values = parse_qs(query, keep_blank_values=True).get(EXTENSIONS_PARAM)
+    if values is None or len(values) != 1:
+        return None
+    names = values[0].split(",")
+    if len(names) > MAX_REQUESTED_EXTENSIONS or not all(_EXTENSION_NAME.fullmatch(name) for name in names):
+        return None
+    return frozenset(names)
 
 
 _TOKEN_IN_URL = re.compile(r"(sandbox_token=)[^&\s'\"]*")

@@ -48,6 +48,7 @@ from sandbox_proto import (
     SnapshotRequested,
     Status,
     StdinReceived,
+    requested_extensions,
 )
 
 from ._errors import (
@@ -109,13 +110,16 @@ class _Route:
     kind: Literal["create", "attach"]
     sandbox_id: str = ""
     token: str = field(default="", repr=False)
+    #: The handshake's ``extensions`` parameter (``None``: it asks for none, upstream frames only).
+    extensions: frozenset[str] | None = None
 
 
 def _parse_route(path: str) -> _Route | None:
     """The WebSocket route of a request target, or ``None`` (HTTP 403, as upstream: 2.2, 2.3)."""
     parts = urlsplit(path)
+    extensions = requested_extensions(parts.query)
     if parts.path == "/create":
-        return _Route("create")
+        return _Route("create", extensions=extensions)
     prefix = "/attach/"
     if parts.path.startswith(prefix):
         raw_id = parts.path[len(prefix) :]
@@ -124,7 +128,7 @@ def _parse_route(path: str) -> _Route | None:
         tokens = parse_qs(parts.query, keep_blank_values=True).get("sandbox_token")
         if tokens is None:
             return None
-        return _Route("attach", unquote(raw_id), tokens[-1])
+        return _Route("attach", unquote(raw_id), tokens[-1], extensions)
     return None
 
 
@@ -155,13 +159,15 @@ def _is_upgrade(headers: Headers) -> bool:
 class _Connection:
     """One client WebSocket: setup, then one frame at a time (S8), plus an output stream task."""
 
-    def __init__(self, server: LocalServer, ws: ServerConnection, *, create: bool) -> None:
+    def __init__(self, server: LocalServer, ws: ServerConnection, route: _Route) -> None:
         self.server = server
         self.manager = server.manager
         self.ws = ws
         self.proto = ServerProtocol(
-            create=create,
+            create=route.kind == "create",
+            # Granted per connection: what the client asked for and the server supports (15).
             extensions=server.extensions,
+            requested=route.extensions,
             checkpoint_enabled=self.manager.checkpoint_enabled,
             snapshots_enabled=self.manager.snapshots_enabled,
         )
@@ -758,7 +764,7 @@ class LocalServer:
         route = _parse_route(ws.request.path if ws.request is not None else "")
         if route is None:  # process_request refused it already
             return
-        connection = _Connection(self, ws, create=route.kind == "create")
+        connection = _Connection(self, ws, route)
         task = asyncio.current_task()
         assert task is not None
         self._connections[task] = ws

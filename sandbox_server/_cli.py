@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=("upstream", "extended"),
         default="extended",
-        help="'upstream' switches every protocol extension off (default: extended)",
+        help="'extended' grants the protocol extensions a client asks for (clients that ask for none get the "
+        "upstream protocol exactly); 'upstream' grants none, even when asked (default: extended)",
     )
     parser.add_argument(
         "--no-checkpoint",

@@ -201,7 +201,7 @@ class Sandbox:
 
     @property
     def extensions(self) -> frozenset[str]:
-        """Protocol extensions the server advertised on the current connection."""
+        """Protocol extensions the server granted on the current connection (of those asked for)."""
         return self._sandbox.extensions
 
     @property

@@ -105,10 +105,11 @@ def test_auto_follows_what_the_server_advertises(
 def test_claiming_the_other_mode_fails(local_url: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     url, mode = local_url
     other = "upstream" if mode == "extended" else "extended"
-    assert main([url, "--protocol", other, "--vector", "CV-01"]) == 1
+    # CV-02 asks for the extensions: granted where none may be, or not granted where required.
+    assert main([url, "--protocol", other, "--vector", "CV-01", "--vector", "CV-02"]) == 1
     output = capsys.readouterr().out
-    assert verdicts(output) == {"CV-01": "FAIL"}
-    # Extension fields where upstream has none, or none where they were required.
+    # CV-01 asks for none, so it gets the upstream frames in either mode: any mode passes it.
+    assert verdicts(output) == {"CV-01": "PASS", "CV-02": "FAIL"}
     assert ("extensions" in output) and ("1 failed" in output)
 
 
@@ -187,6 +188,27 @@ def ws_server(handler: Handler) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+async def _unasked_extensions_handler(ws: ServerConnection) -> None:
+    """Lists extensions on every SANDBOX_RUNNING, asked or not: what our server did before issue 17."""
+    await ws.recv()
+    for event in (
+        {"event": "status_update", "status": "SANDBOX_CREATING"},
+        {"event": "sandbox_id", "sandbox_id": "sandbox-b0rk", "sandbox_token": "0" * 32},
+    ):
+        await ws.send(frame(event))
+    await ws.send('{"event":"status_update","status":"SANDBOX_RUNNING","extensions":["exit_code"]}')
+    with contextlib.suppress(ConnectionClosed):
+        await ws.wait_closed()
+
+
+def test_extension_fields_nobody_asked_for_fail(capsys: pytest.CaptureFixture[str]) -> None:
+    with ws_server(_unasked_extensions_handler) as url:
+        assert main([url, "--timeout", "1", "--vector", "CV-01"]) == 1
+    output = capsys.readouterr().out
+    assert verdicts(output) == {"CV-01": "FAIL"}
+    assert '"extensions":["exit_code"]' in output, output
 
 
 def test_a_broken_server_fails_with_reasons(capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from sandbox_asyncio import Sandbox
+from sandbox_proto import ALL_EXTENSIONS
 
 LIMIT = 16 * 2**20
 TIMEOUT = 20.0
@@ -50,7 +51,12 @@ def ws_url(url: str, path: str) -> str:
     return "ws" + url.removeprefix("http") + path
 
 
+#: Asked for on every connection, so that the extensions' code paths are attacked too.
+REQUEST_ALL = "extensions=" + ",".join(sorted(ALL_EXTENSIONS))
+
+
 async def open_ws(url: str, path: str) -> ClientConnection:
+    path += f"{'&' if '?' in path else '?'}{REQUEST_ALL}"
     return await connect(ws_url(url, path), max_size=None, open_timeout=TIMEOUT, ping_interval=None)
 
 

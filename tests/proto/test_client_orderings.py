@@ -49,6 +49,8 @@ from sandbox_proto import (
 URL = "https://sandbox.example.run.app/"
 ID = "sandbox-f126"
 TOKEN = "9f1c0e7d4b2a48c6a1e3d5f7b9c0a2e4"
+#: What our client asks for on every handshake: every extension it implements, sorted (extensions.md).
+EXTENSIONS_QUERY = "extensions=close_stdin,exec_ref,exit_code,seq,stdin_seq"
 
 
 def ST(status: str, **extra: Any) -> str:
@@ -734,7 +736,7 @@ class TestReconnect:
         assert scheduled.delay >= 0
         assert client.state is SandboxState.RECONNECTING
         handshake = client.handshake()
-        assert handshake.url == f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}"
+        assert handshake.url == f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}&{EXTENSIONS_QUERY}"
         assert handshake.headers["Cookie"] == "GAESA=one; SANDBOX_AFFINITY=i1"
         assert handshake.headers["Authorization"] == "Bearer abc"
         # The reconnect's own Set-Cookie replaces a value; attributes never travel back.
@@ -1092,6 +1094,41 @@ class TestExitCode:
         assert client.events() == [Output(exec_id, "stdout", "a"), Output(exec_id, "stdout", "b")]
 
 
+class TestAskingForExtensions:
+    """The handshake URL asks (extensions.md); only what was asked for and granted is used."""
+
+    def test_a_subset_is_asked_for_on_create_and_every_attach(self) -> None:
+        client = ClientProtocol(URL, init=InitRequest(), auto_reconnect=True, extensions=["seq", "exit_code"])
+        assert client.handshake().url == "wss://sandbox.example.run.app/create?extensions=exit_code,seq"
+        client.connection_opened()
+        feed(client, ST("SANDBOX_CREATING"), SANDBOX_ID_FRAME, ST("SANDBOX_RUNNING", extensions=["exit_code"]))
+        assert client.extensions == {"exit_code"}
+        dropped(client, now=1.0)
+        assert client.handshake().url == (
+            f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}&extensions=exit_code,seq"
+        )
+
+    def test_asking_for_none_sends_no_parameter(self) -> None:
+        client = ClientProtocol(URL, sandbox_id=ID, sandbox_token=TOKEN, extensions=())
+        assert client.handshake().url == f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}"
+        assert "extensions" not in ClientProtocol(URL, init=InitRequest(), extensions=()).handshake().url
+
+    def test_a_grant_not_asked_for_is_not_used(self) -> None:
+        client = ClientProtocol(URL, init=InitRequest(), extensions=["seq"])
+        client.connection_opened()
+        feed(client, ST("SANDBOX_CREATING"), SANDBOX_ID_FRAME, ST("SANDBOX_RUNNING", extensions=["exit_code", "seq"]))
+        assert client.extensions == {"seq"}
+        client.events()
+        exec_id = running_exec(client)
+        feed(client, ST("SANDBOX_EXECUTION_DONE", exit_code=3))
+        assert client.events() == [ProcessEnded(exec_id, None, None)]
+
+    @pytest.mark.parametrize("names", [["time_travel"], "seq"])
+    def test_only_implemented_extensions_can_be_asked_for(self, names: Any) -> None:
+        with pytest.raises(LocalProtocolError):
+            ClientProtocol(URL, init=InitRequest(), extensions=names)
+
+
 # --------------------------------------------------------------------------
 # secrets (2.3, 2.6)
 
@@ -1117,6 +1154,7 @@ class TestNoTokenLeaks:
         handshake = client.handshake()
         assert handshake.url == (
             "wss://sandbox.example.run.app/attach/sandbox%2F..%2Fx?sandbox_token=a%20b%26c%3Dd%2Fe%3Ff%23g%27h%22i"
+            f"&{EXTENSIONS_QUERY}"
         )
         assert "sandbox_token=***" in handshake.safe_url
         assert "%26" not in handshake.safe_url

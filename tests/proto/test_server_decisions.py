@@ -91,6 +91,24 @@ class TestFrames:
         proto.send_running()
         assert proto.data_to_send() == [RUNNING_ALL]
 
+    @pytest.mark.parametrize(
+        ("supported", "requested", "running"),
+        [
+            (ALL_EXTENSIONS, None, '{"event":"status_update","status":"SANDBOX_RUNNING"}'),
+            (ALL_EXTENSIONS, {"seq", "x"}, '{"event":"status_update","status":"SANDBOX_RUNNING","extensions":["seq"]}'),
+            (ALL_EXTENSIONS, {"x"}, '{"event":"status_update","status":"SANDBOX_RUNNING","extensions":[]}'),
+            ((), {"seq"}, '{"event":"status_update","status":"SANDBOX_RUNNING"}'),
+        ],
+        ids=["nothing-asked", "subset", "none-matched", "upstream-mode"],
+    )
+    def test_running_lists_what_was_asked_for_and_supported(
+        self, supported: tuple[str, ...], requested: set[str] | None, running: str
+    ) -> None:
+        proto = ServerProtocol(create=True, extensions=supported, requested=requested)
+        proto.send_running()
+        assert proto.data_to_send() == [running]
+        assert proto.extensions == set(supported) & (requested or set())
+
     def test_client_encodings_unchanged_without_the_new_fields(self) -> None:
         assert encode_client_frame(StdinRequest("x")) == '{"event":"stdin","data":"x"}'
         assert encode_client_frame(CloseStdinRequest()) == '{"action":"close_stdin"}'

@@ -68,6 +68,8 @@ from sandbox_proto import (
 URL = "https://sandbox.example.run.app"
 ID = "sandbox-f126"
 TOKEN = "9f1c0e7d4b2a48c6a1e3d5f7b9c0a2e4"
+#: What our client asks for on every handshake: every extension it implements, sorted (extensions.md).
+EXTENSIONS_QUERY = "extensions=close_stdin,exec_ref,exit_code,seq,stdin_seq"
 
 PYTHON_MSG = "Supported languages are: python, bash"
 INVALID_FORMAT = (
@@ -152,7 +154,7 @@ def server(*, create: bool = False, upstream: bool = True, **kwargs: Any) -> Ser
 class TestClientSetup:
     def test_cv01_create_with_empty_init(self) -> None:
         client = ClientProtocol(URL, init=InitRequest(idle_timeout=None))
-        assert client.handshake().url == "wss://sandbox.example.run.app/create"
+        assert client.handshake().url == f"wss://sandbox.example.run.app/create?{EXTENSIONS_QUERY}"
         assert client.data_to_send() == []  # nothing before the socket is open
         client.connection_opened()
         assert sent(client) == [{}]
@@ -243,7 +245,10 @@ class TestClientSetup:
 
     def test_cv25_attach_to_free_sandbox_then_in_use(self) -> None:
         client = ClientProtocol(URL, sandbox_id=ID, sandbox_token=TOKEN)
-        assert client.handshake().url == f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}"
+        assert (
+            client.handshake().url
+            == f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}&{EXTENSIONS_QUERY}"
+        )
         client.connection_opened()
         assert client.data_to_send() == []  # the server speaks first on attach (13.1)
         feed(client, ST("SANDBOX_RUNNING"))
@@ -646,7 +651,7 @@ class TestClientLifecycle:
         assert client.state is SandboxState.RECONNECTING
 
         handshake = client.handshake()
-        assert handshake.url == f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}"
+        assert handshake.url == f"wss://sandbox.example.run.app/attach/{ID}?sandbox_token={TOKEN}&{EXTENSIONS_QUERY}"
         assert handshake.headers["Cookie"] == "GAESA=Cp123"
         client.connection_opened()
         assert client.data_to_send() == []  # ours sends `reconnect` only after RUNNING (7.12 step 2)

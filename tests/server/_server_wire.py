@@ -12,6 +12,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from sandbox_proto import ALL_EXTENSIONS
+
 #: Keys the extended protocol adds (protocol.md 15), and the only frames allowed to carry them.
 EXTENSION_KEYS = {
     "extensions": ("status_update",),
@@ -20,6 +22,15 @@ EXTENSION_KEYS = {
     "seq": ("output", "stdin_ack"),
 }
 TIMEOUT = 10.0
+#: The handshake parameter asking for every extension (extensions.md); a wire in "extended" mode sends it.
+REQUEST_ALL = "extensions=" + ",".join(sorted(ALL_EXTENSIONS))
+
+
+def with_extensions(path: str, protocol: str) -> str:
+    """``path`` asking for every extension in the "extended" mode, for none (upstream frames) otherwise."""
+    if protocol != "extended":
+        return path
+    return f"{path}{'&' if '?' in path else '?'}{REQUEST_ALL}"
 
 
 def st(status: str) -> str:
@@ -45,7 +56,12 @@ class Exec:
 
 
 class Wire:
-    """One WebSocket to the server, with checks that every frame is well-formed for the mode."""
+    """One WebSocket to the server, with checks that every frame is well-formed for the mode.
+
+    ``protocol="extended"`` asks for every extension and requires them all
+    granted; ``"upstream"`` asks for none and allows no extension field: what
+    any upstream client gets, whatever the server's mode.
+    """
 
     def __init__(self, ws: ClientConnection, protocol: str) -> None:
         self.ws = ws
@@ -57,7 +73,9 @@ class Wire:
 
     @classmethod
     async def open(cls, url: str, path: str, protocol: str, **kwargs: Any) -> Wire:
-        ws = await connect(ws_base(url) + path, max_size=None, open_timeout=TIMEOUT, **kwargs)
+        ws = await connect(
+            ws_base(url) + with_extensions(path, protocol), max_size=None, open_timeout=TIMEOUT, **kwargs
+        )
         return cls(ws, protocol)
 
     @classmethod

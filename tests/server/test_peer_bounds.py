@@ -27,7 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from sandbox_server._app import MAX_QUEUE, WRITE_LIMIT
 
-from ._server_wire import Wire, attach_when_free, pid_alive, ws_base
+from ._server_wire import Wire, attach_when_free, pid_alive, with_extensions, ws_base
 
 pytestmark = pytest.mark.anyio
 
@@ -125,7 +125,9 @@ async def stalling_peer(url: str, output: int) -> tuple[ClientConnection, str, s
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-    ws = await connect(ws_base(url) + "/create", sock=sock, compression=None, max_size=None, max_queue=4)
+    # Asks for the extensions: it reads output seq numbers and its stdin frames are numbered.
+    create = ws_base(url) + with_extensions("/create", "extended")
+    ws = await connect(create, sock=sock, compression=None, max_size=None, max_queue=4)
     await ws.send("{}")
     frame: dict[str, Any] = {}
     while frame.get("status") != "SANDBOX_RUNNING":
