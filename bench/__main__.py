@@ -22,7 +22,7 @@ from .blaster import Blaster
 from .clients import LIBRARY_OF
 
 BASELINE = "raw websockets"
-ALL = ("throughput", "roundtrip", "scale", "memory", "core", "reconnect", "sync")
+ALL = ("throughput", "roundtrip", "scale", "memory", "core", "reconnect", "sync", "chunking")
 #: What sandbox_sync is compared with: the async API it wraps, on the same transport.
 SYNC_BASELINE = "websockets"
 #: Measured by default; trio-websocket (trio's other transport) on request.
@@ -318,6 +318,61 @@ def bench_sync(url: str, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def bench_chunking(args: argparse.Namespace) -> list[Row]:
+    """Our server's output chunking against the upstream server's, if one is given (issue 17)."""
+    from . import chunking
+
+    names = ["ours", *(["upstream"] if args.upstream_url else [])]
+    runs: dict[str, list[chunking.Chunking]] = {name: [] for name in names}
+    with chunking.our_server() as our_url:
+        urls = {"ours": our_url, "upstream": args.upstream_url}
+        for order in _rotations(names, args.repeats):
+            for name in order:
+                runs[name].append(chunking.measure(urls[name], args.chunking_runs, args.chunking_lines))
+            _log("chunking: " + ", ".join(f"{n} {runs[n][-1].split_fraction:.1%} split" for n in order))
+
+    def split(name: str) -> float:
+        return _median([r.split_fraction for r in runs[name]])
+
+    def describe_split(name: str) -> str:
+        count, lines = sum(r.split for r in runs[name]), sum(r.lines for r in runs[name])
+        return f"{split(name):.1%} of lines split ({count:,} of {lines:,})"
+
+    def latency(name: str, kind: str) -> float:
+        return _median([_median(getattr(r, kind)) for r in runs[name]])
+
+    def describe_latency(name: str, kind: str) -> str:
+        p99 = _median([_p99(getattr(r, kind)) for r in runs[name]])
+        return f"median {latency(name, kind) * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us"
+
+    upstream = "upstream" in runs
+    missing = "(no --upstream-url)"
+    rows = [
+        Row(
+            f"8. split lines, {args.chunking_runs} x 20 print()",
+            "sandbox_server",
+            describe_split("ours"),
+            f"upstream: {describe_split('upstream')}" if upstream else missing,
+            f"{split('ours') / split('upstream'):.2f}x" if upstream and split("upstream") else "-",
+            "<= upstream",
+            _verdict(split("ours") <= split("upstream") if upstream else None),
+        )
+    ]
+    for kind, what in (("line_latency", "a whole line"), ("partial_latency", "a partial line")):
+        rows.append(
+            Row(
+                f"8. write to frame, {what}",
+                "sandbox_server",
+                describe_latency("ours", kind),
+                f"upstream: {describe_latency('upstream', kind)}" if upstream else missing,
+                f"{latency('ours', kind) / latency('upstream', kind):.2f}x" if upstream else "-",
+                "(report)",
+                "-",
+            )
+        )
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     header = Row("benchmark", "client", "result", "baseline (raw websockets loop)", "ratio", "goal", "met")
     table = [header, *rows]
@@ -379,6 +434,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pause", type=float, help="seconds the reader pauses (default 5)")
     parser.add_argument("--buffer-mib", type=int, help="stream_buffer_size of the memory benchmark (default 16)")
     parser.add_argument(
+        "--upstream-url",
+        help="an upstream server (http://host:port) to compare output chunking with; without it, ours only",
+    )
+    parser.add_argument("--chunking-runs", type=int, help="execs of 20 print()s per chunking run (default 100)")
+    parser.add_argument("--chunking-lines", type=int, help="timed writes per latency run (default 100)")
+    parser.add_argument(
         "--exec-timeout",
         type=float,
         default=30.0,
@@ -405,6 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "pause": 1.0 if quick else 5.0,
         # Small enough that even the slowest transport fills it within the quick pause.
         "buffer_mib": 4 if quick else 16,
+        "chunking_runs": 30 if quick else 100,
+        "chunking_lines": 50 if quick else 100,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -439,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows += bench_core(args)
             elif name == "reconnect":
                 rows += bench_reconnect(args)
+            elif name == "chunking":
+                rows += bench_chunking(args)
             else:
                 rows += benches[name](blaster.url, args)
     print_table(rows)

@@ -28,10 +28,15 @@ from ._output import Signal
 if TYPE_CHECKING:
     from ._sandbox import Sandbox
 
-__all__ = ["KILL_PIPE_GRACE", "READ_SIZE", "Execution"]
+__all__ = ["KILL_PIPE_GRACE", "MERGE_WINDOW", "READ_SIZE", "Execution"]
 
 #: Size of one pipe read, and so the largest output frame (4.3).
 READ_SIZE = 1024
+#: Longest a read that ends mid-line is held for what the process writes next (seconds).
+#: Unbuffered Python writes ``print()``'s text and its newline separately; a read
+#: between the two would send the line as two frames (issue 17). Microseconds
+#: apart in practice, so 2 ms catches them unless the process is descheduled.
+MERGE_WINDOW = 0.002
 #: How long a killed exec may keep its pipes open (escaped grandchildren) before we close them.
 KILL_PIPE_GRACE = 1.0
 #: Stdin an exec may have queued beyond what the rate limit lets through, in seconds of the rate.
@@ -88,6 +93,12 @@ class Execution:
             2: codecs.getincrementaldecoder("utf-8")(errors="replace"),
         }
         self._open_pipes = {1, 2}
+        # Bytes read from ``_held_fd`` and not yet framed: less than a piece, not
+        # ending a line (see _on_data). Only ever one stream's: a read of the other
+        # stream frames them first, so frames keep the order the two were read in.
+        self._held = b""
+        self._held_fd = 1
+        self._held_timer: asyncio.TimerHandle | None = None
         self._exited = False
         self._paused = False
         self._stdin_paused = False
@@ -201,9 +212,6 @@ class Execution:
     def _on_data(self, fd: int, data: bytes) -> None:
         if self.killed:
             return  # upstream discards what is still unread after a kill (7.5)
-        stream: Stream = "stdout" if fd == 1 else "stderr"
-        decoder = self._decoders[fd]
-        log = self.sandbox.log
         if self._output_left >= 0:
             if len(data) > self._output_left:
                 data = data[: self._output_left]
@@ -211,17 +219,55 @@ class Execution:
                 self.output_exceeded = True
             else:
                 self._output_left -= len(data)
-        # One frame per 1024-byte piece; the incremental decoder carries a split
-        # character over to the next piece instead of losing the stream (S2).
-        for start in range(0, len(data), READ_SIZE):
-            piece = data[start : start + READ_SIZE]
+        if self._held:
+            if self._held_fd == fd:
+                data = self._held + data
+                self._held = b""
+            else:
+                self._flush_held()
+        # Whole 1024-byte pieces go out now. A shorter rest that ends a line goes
+        # too (no delay for line-by-line output); one that ends mid-line is held
+        # for MERGE_WINDOW from its first byte (not extended by later reads, so a
+        # trickle still comes out every window), to join what the process writes next.
+        end = len(data)
+        rest = end % READ_SIZE
+        if rest and not data.endswith(b"\n") and not self.output_exceeded:
+            end -= rest
+            self._held, self._held_fd = data[end:], fd
+            if self._held_timer is None:
+                self._held_timer = asyncio.get_running_loop().call_later(MERGE_WINDOW, self._flush_held)
+        elif self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        self._frame(fd, data, end)
+        if self.output_exceeded:
+            self._end_for_output()
+        elif self.sandbox.log.full:
+            self.pause_reading()
+
+    def _frame(self, fd: int, data: bytes, end: int) -> None:
+        """Append ``data[:end]`` to the log, one frame per 1024-byte piece."""
+        stream: Stream = "stdout" if fd == 1 else "stderr"
+        decoder = self._decoders[fd]
+        log = self.sandbox.log
+        # The incremental decoder carries a split character over to the next
+        # piece instead of losing the stream (S2).
+        for start in range(0, end, READ_SIZE):
+            piece = data[start : min(start + READ_SIZE, end)]
             text = decoder.decode(piece)
             if text:
                 self.last_seq = log.append(stream, text, len(piece)).seq
-        if self.output_exceeded:
-            self._end_for_output()
-        elif log.full:
-            self.pause_reading()
+
+    def _flush_held(self) -> None:
+        """Frame the held bytes now: the window is over, or an event must come after them."""
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, b""
+        if held and not self.killed:
+            self._frame(self._held_fd, held, len(held))
+            if self.sandbox.log.full:
+                self.pause_reading()
 
     def _end_for_output(self) -> None:
         """The output cap is reached: kill the exec and say why on its stderr, before its DONE."""
@@ -231,6 +277,7 @@ class Execution:
 
     def _note(self, text: str) -> None:
         """A message from the server on the exec's stderr stream."""
+        self._flush_held()
         for fd in (1, 2):
             # Close any half-decoded character first, so the note starts on its own.
             tail = self._decoders[fd].decode(b"", final=True)
@@ -246,6 +293,7 @@ class Execution:
         if fd not in self._open_pipes:
             return
         self._open_pipes.discard(fd)
+        self._flush_held()  # what was read before end-of-file, before the decoder's tail
         tail = self._decoders[fd].decode(b"", final=True)
         if tail and not self.killed:
             stream: Stream = "stdout" if fd == 1 else "stderr"
@@ -253,6 +301,9 @@ class Execution:
         self._maybe_finish()
 
     def _on_exit(self) -> None:
+        # Held bytes are not flushed here: the exit can be reported before the
+        # last read (the "\n" of a final print()), and flushing would split that
+        # line. End-of-file follows the exit, and the window bounds the wait anyway.
         self._exited = True
         if self.killed:
             self._arm_kill_timer()
@@ -407,8 +458,9 @@ class Execution:
         """SIGKILL the whole process group of this exec (S14)."""
         if self.finished.is_set():
             return
+        # Output already read stays in the log, the held bytes included; nothing more is read (7.5).
+        self._flush_held()
         self.killed = True
-        # Output already read stays in the log; nothing more is read (7.5).
         self.resume_reading()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
