@@ -29,8 +29,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         name = getattr(item, "originalname", item.name)
-        if callspec is not None and callspec.params.get("transport") == "sync" and name in SKIP_ON_SYNC:
+        if callspec is None or callspec.params.get("transport") != "sync":
+            continue
+        if name in SKIP_ON_SYNC:
             item.add_marker(pytest.mark.skip(reason=SKIP_ON_SYNC[name]))
+        elif item.path.name == "test_windows.py":
+            # Each window test needs a call to reach the protocol at an exact moment; through the
+            # async face a blocking call may not have reached the loop yet, so on sync they would
+            # test less than they claim. They run on the four async transports, whose core sync
+            # shares; the time goes to CI's 15-minute budget instead.
+            item.add_marker(pytest.mark.skip(reason="window tests need exact timing the async face cannot give"))
 
 
 @pytest.fixture(params=TRANSPORTS)
