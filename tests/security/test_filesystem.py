@@ -8,11 +8,15 @@ in the next.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import shutil
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 from _support import ServerThread
+from security._limits import LIMITS
 from security.test_escape import run
 
 from sandbox_asyncio import Sandbox
@@ -78,8 +82,17 @@ async def test_files_anywhere_persist_across_execs_checkpoints_and_snapshots(iso
         assert await run(copy, "bash", "echo more >> /tmp/private && rm here.txt && echo ok") == ("ok\n", "", 0)
 
 
-async def test_pip_install_persists(isolated: ServerThread) -> None:
-    async with Sandbox.create(isolated.url) as sandbox:
+@pytest.fixture
+def roomy() -> Iterator[ServerThread]:
+    """bwrap with the attack limits but CPU for pip: it needs about 2 s of CPU, more on a loaded machine."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap (bwrap) is not installed: apt-get install bubblewrap (CI installs it)")
+    with ServerThread(isolation="bwrap", limits=dataclasses.replace(LIMITS, cpu_seconds=60)) as running:
+        yield running
+
+
+async def test_pip_install_persists(roomy: ServerThread) -> None:
+    async with Sandbox.create(roomy.url) as sandbox:
         assert (await run(sandbox, "python", MAKE_WHEEL))[2] == 0
         out, err, code = await run(sandbox, "bash", "pip install --no-index ./tinypkg-1.0-py3-none-any.whl")
         assert code == 0, out + err
