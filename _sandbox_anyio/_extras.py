@@ -11,6 +11,7 @@ EXTRAS: dict[str, frozenset[str]] = {
     "aiohttp": frozenset({"aiohttp"}),
     "trio": frozenset({"trio", "trio_websocket"}),
     "google": frozenset({"google", "requests"}),
+    "testing": frozenset({"hypothesis"}),
 }
 
 

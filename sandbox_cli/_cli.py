@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         help="check a server against the protocol's conformance vectors (see 'sandbox conformance --help')",
         add_help=False,
     )
+    commands.add_parser(
+        "fuzz",
+        help="property-based fuzzing of a server against a reference model (see 'sandbox fuzz --help')",
+        add_help=False,
+    )
     return parser
 
 
@@ -89,6 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sandbox_conformance import main as conformance_main
 
         return conformance_main(args_list[1:], prog="sandbox conformance")
+    if args_list[:1] == ["fuzz"]:
+        try:
+            from sandbox_conformance import fuzz_main
+        except ModuleNotFoundError as error:
+            print(f"sandbox fuzz: {error}", file=sys.stderr)  # noqa: T201 - the command's own error line
+            return 2
+        return fuzz_main(args_list[1:], prog="sandbox fuzz")
     args = _parser().parse_args(args_list)
     # The one handler: the exec does not ask for the library's own (enable_debug), which would
     # print each protocol line a second time, through this one, as its records propagate here.

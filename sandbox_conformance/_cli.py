@@ -15,7 +15,28 @@ from sandbox_proto import LocalProtocolError, websocket_base
 from ._run import Result, run_vectors
 from ._wire import DEFAULT_IDLE_SWEEP, DEFAULT_TIMEOUT
 
-__all__ = ["main"]
+__all__ = ["add_header_option", "main", "parsed_headers"]
+
+
+def add_header_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME:VALUE",
+        help="extra handshake header, e.g. 'Authorization: Bearer TOKEN' (repeatable)",
+    )
+
+
+def parsed_headers(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+    """The ``--header`` values as a dict; a usage error (exit 2) for one without a name."""
+    headers: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            parser.error(f"--header {item!r}: expected NAME:VALUE")
+        headers[name.strip()] = value.strip()
+    return headers
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -49,13 +70,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="how late after its idle timeout the server may delete a sandbox (CV-29); "
         f"the upstream server sweeps every {DEFAULT_IDLE_SWEEP:g}s (default {DEFAULT_IDLE_SWEEP:g})",
     )
-    parser.add_argument(
-        "--header",
-        action="append",
-        default=[],
-        metavar="NAME:VALUE",
-        help="extra handshake header, e.g. 'Authorization: Bearer TOKEN' (repeatable)",
-    )
+    add_header_option(parser)
     parser.add_argument(
         "--no-ref", action="store_true", help="skip vectors only the reference server passes (upstream fails them)"
     )
@@ -70,12 +85,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m sandbox_co
     """Run the vectors named on the command line; print one line per vector and a summary; the exit status."""
     parser = _parser(prog)
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    headers: dict[str, str] = {}
-    for item in args.header:
-        name, sep, value = item.partition(":")
-        if not sep or not name.strip():
-            parser.error(f"--header {item!r}: expected NAME:VALUE")
-        headers[name.strip()] = value.strip()
+    headers = parsed_headers(parser, args.header)
     if args.timeout <= 0 or args.idle_sweep < 0:
         parser.error("--timeout must be positive and --idle-sweep not negative")
     try:

@@ -148,6 +148,31 @@ def test_missing_google_auth_names_the_extra() -> None:
     assert message.endswith("pip install 'cloud-run-sandbox[google]'"), message
 
 
+def test_missing_hypothesis_names_the_extra_and_spares_the_conformance_runner() -> None:
+    message = run_without(
+        "hypothesis",
+        """
+        import sandbox_conformance
+        print(len(sandbox_conformance.VECTORS) > 0)
+        try:
+            sandbox_conformance.FuzzSession
+        except ModuleNotFoundError as exc:
+            print(exc)
+        """,
+    )
+    fix = "pip install 'cloud-run-sandbox[testing]'"
+    assert message == f"True\nsandbox fuzz needs 'hypothesis', which is not installed: {fix}"
+    program = "import sys; sys.modules['hypothesis'] = None; from sandbox_cli import main; raise SystemExit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", program, "fuzz", URL],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"sandbox fuzz: sandbox fuzz needs 'hypothesis', which is not installed: {fix}\n"
+
+
 def test_an_unrelated_missing_module_is_not_blamed_on_an_extra() -> None:
     message = run_without(
         "aiohttp.client_proto",

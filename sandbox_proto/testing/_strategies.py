@@ -1,26 +1,4 @@
-"""Hypothesis strategies for every frame of the protocol, for fuzzing clients and servers.
-
-Use them to test your own client, server, proxy or recorder against well-formed
-(and deliberately malformed) traffic::
-
-    from hypothesis import given
-    from sandbox_proto import decode_server_frame
-    from sandbox_proto.testing import server_texts
-
-    @given(server_texts())
-    def test_my_parser_accepts_every_server_frame(text: str) -> None:
-        my_parser(text)
-
-Typed strategies (``status_frames()``, ``exec_requests()``, ...) produce the frame
-classes of :mod:`sandbox_proto`; the ``*_texts()`` strategies produce the JSON
-text of one WebSocket message, encoded the way the protocol's own codec does.
-``extended=False`` leaves out everything of the negotiated extensions
-(protocol.md section 15), for peers that speak only the upstream protocol.
-
-This module needs ``hypothesis``, which is a test dependency (the ``test``
-extra), not a runtime dependency of ``sandbox_proto``: nothing else in the
-package imports it, so ``import sandbox_proto`` keeps working without it.
-"""
+"""Hypothesis strategies for every frame of the protocol."""
 
 from __future__ import annotations
 
@@ -28,7 +6,7 @@ import json
 
 from hypothesis import strategies as st
 
-from ._frames import (
+from .._frames import (
     CheckpointRequest,
     ClientFrame,
     CloseStdinRequest,
@@ -50,8 +28,8 @@ from ._frames import (
     encode_client_frame,
     encode_server_frame,
 )
-from ._server import ALL_EXTENSIONS
-from ._status import Status, parse_status
+from .._server import ALL_EXTENSIONS
+from .._status import Status, parse_status
 
 __all__ = [
     "client_frames",
