@@ -197,6 +197,8 @@ class FuzzOptions:
     #: Whether the server has checkpoint and snapshot storage; ``None``: ask it.
     checkpoints: bool | None = None
     snapshots: bool | None = None
+    #: Whether creates may ask for handoff (it needs the deployment's shared lock storage).
+    handoff: bool = True
 
 
 @dataclass
@@ -207,7 +209,7 @@ class FuzzResult:
     snapshots: bool
     elapsed: float
     finding: Finding | None = None
-    #: The finding did not happen again when hypothesis replayed it (timing-dependent).
+    #: The shrunk finding did not happen again when replayed once more (timing-dependent).
     flaky: bool = False
     reproduction: str = ""
 
@@ -298,6 +300,7 @@ def run_fuzz(options: FuzzOptions, *, progress: TextIO | None = None) -> FuzzRes
 
     LiveMachine.checkpoints = checkpoints
     LiveMachine.snapshots = snapshots
+    LiveMachine.handoff = options.handoff
     run_settings = settings(
         max_examples=options.max_examples,
         stateful_step_count=options.steps,
@@ -317,12 +320,19 @@ def run_fuzz(options: FuzzOptions, *, progress: TextIO | None = None) -> FuzzRes
         findings = [exc for exc in _leaves(group) if isinstance(exc, Finding)]
         if not findings:
             raise
-        result.finding, result.flaky = findings[0], True
+        result.finding = findings[0]
     if stats.best is not None and result.finding is not None and len(stats.best.actions) < len(result.finding.actions):
         result.finding = stats.best
     if result.finding is not None:
         say(f"shrunk by hypothesis to {len(result.finding.actions)} actions; removing those it does not need")
         result.finding = minimize(options, result, result.finding)
+        # Hypothesis' own replay can differ for reasons of its own (its FlakyFailure); the verdict
+        # that the report gives is whether the shrunk sequence fails again here, now.
+        try:
+            again = replay(options, result, result.finding.actions)
+        except ValueError:
+            again = None
+        result.flaky = again is None or not _same_problem(again, result.finding)
         result.reproduction = reproduction(options, result, result.finding)
     result.elapsed = time.monotonic() - started
     return result
@@ -351,7 +361,7 @@ def replay(options: FuzzOptions, result: FuzzResult, actions: list[Action]) -> F
     except (AssertionError, KeyError, ValueError, IndexError) as exc:
         session.cleanup()
         raise ValueError(f"not a sequence the model can play: {exc!r}") from None
-    if not session.failed and actions[-1][0] != "finish":
+    if not session.failed and (not actions or actions[-1][0] != "finish"):
         session.cleanup()
     return None
 
@@ -480,6 +490,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         f"(default {DEFAULT_TIMEOUT:g})",
     )
     add_header_option(parser)
+    parser.add_argument(
+        "--no-handoff",
+        action="store_true",
+        help="never ask for enable_sandbox_handoff (for a server whose handoff lock storage is missing)",
+    )
     parser.add_argument("--repro", metavar="FILE", help="also write the reproduction script of a finding to FILE")
     return parser
 
@@ -505,6 +520,7 @@ def fuzz_main(argv: Sequence[str] | None = None, *, prog: str = "sandbox fuzz") 
         shrink_budget=args.shrink_budget,
         timeout=args.timeout,
         headers=headers,
+        handoff=not args.no_handoff,
     )
     out = sys.stdout
     out.write(f"fuzzing {args.url} (protocol {args.protocol}, up to {args.max_examples} sequences)\n")

@@ -42,12 +42,15 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     Class attributes say what the server offers: ``protocol`` (``"upstream"``
     asks for no extension and expects none), ``checkpoints`` and
-    ``snapshots`` (its storage), ``timeout`` (seconds per awaited frame).
+    ``snapshots`` (its storage), ``handoff`` (whether creates may ask for
+    ``enable_sandbox_handoff``), ``timeout`` (seconds per awaited frame).
     """
 
     protocol: ClassVar[ProtocolMode] = "extended"
     checkpoints: ClassVar[bool] = True
     snapshots: ClassVar[bool] = True
+    #: Handoff needs the deployment's shared lock (upstream: a GCS bucket); off where it has none.
+    handoff: ClassVar[bool] = True
     timeout: ClassVar[float] = 10.0
     #: At most this many connections attached at once, so that a run holds few sandboxes.
     max_attached: ClassVar[int] = 3
@@ -118,7 +121,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def _create(self, data: st.DataObject) -> None:
         checkpoint = data.draw(st.booleans() if self.checkpoints else st.just(False), label="checkpoint")
-        handoff = checkpoint and data.draw(st.booleans(), label="handoff")
+        handoff = checkpoint and self.handoff and data.draw(st.booleans(), label="handoff")
         snapshot = None
         if data.draw(st.integers(0, 3), label="from a snapshot") == 0:
             snapshot = data.draw(st.sampled_from([*sorted(self._snapshot_names), "missing"]), label="snapshot")

@@ -126,16 +126,30 @@ def never_answers_kill(proxy: DefectProxy, link: Link, frame: str) -> list[str]:
     return [] if '"SANDBOX_EXECUTION_FORCE_KILLED"' in frame else [frame]
 
 
+def never_says_running(proxy: DefectProxy, link: Link, frame: str) -> list[str]:
+    return [] if '"SANDBOX_RUNNING"' in frame else [frame]
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     with ServerThread() as thread:
         yield thread.url
 
 
-def fuzz(url: str, *, timeout: float = 5.0) -> FuzzResult:
+def fuzz(url: str, *, timeout: float = 5.0, storage: bool | None = None) -> FuzzResult:
     # A fixed seed: the same search every run (the defect is found within the first examples).
     # A short shrink budget: the pruning of single actions that follows finishes the job.
-    options = FuzzOptions(url=url, max_examples=60, steps=6, seed=20240616, timeout=timeout, shrink_budget=1.0)
+    # storage=None asks the server whether it has checkpoints and snapshots.
+    options = FuzzOptions(
+        url=url,
+        max_examples=60,
+        steps=6,
+        seed=20240616,
+        timeout=timeout,
+        shrink_budget=1.0,
+        checkpoints=storage,
+        snapshots=storage,
+    )
     return run_fuzz(options)
 
 
@@ -143,6 +157,7 @@ def check_reported(result: FuzzResult, problem: str, tmp_path: Path, max_actions
     """Found, shrunk, told as a transcript, and reproduced by a script that fails against the same server."""
     finding = result.finding
     assert finding is not None, "the planted defect was not found"
+    assert not result.flaky, "a deterministic defect must be reported as one that happens again"
     assert re.search(problem, finding.problem), finding.report()
     assert len(finding.calls) <= max_actions, finding.report()
     report = finding.report()
@@ -182,3 +197,11 @@ def test_a_kill_never_answered_is_caught(server: str, tmp_path: Path) -> None:
         # A short wait per frame: the local server answers a kill in milliseconds.
         result = fuzz(proxy.url, timeout=1.0)
         check_reported(result, r"nothing within 1s; still expected: .*SANDBOX_EXECUTION_FORCE_KILLED", tmp_path, 2)
+
+
+def test_a_defect_in_the_first_action_is_shrunk_to_it(server: str, tmp_path: Path) -> None:
+    # Nothing is left to remove once the sequence is the one create: pruning must stop there.
+    # (The storage probe would meet the defect first: the server's storage is given.)
+    with DefectProxy(server, never_says_running) as proxy:
+        result = fuzz(proxy.url, timeout=1.0, storage=True)
+        check_reported(result, r"nothing within 1s; still expected: .*SANDBOX_RUNNING", tmp_path, 1)
