@@ -2,12 +2,14 @@
 
 Everything here runs on anyio, so both runtimes get the same behaviour from
 one implementation; each runtime package adds its transports, its way of
-starting a background task, and its event loop's clock.
+starting a background task, and its :class:`Runtime` (the loop's own
+deadlines, events and clock, for the hot path).
 """
 
 from ._auth import TokenProvider, google_id_token_provider
 from ._handoff import Handoff, WebsocketsTransportBase
-from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, SandboxProcess, SandboxStream, deadline
+from ._process import DEFAULT_KILL_TIMEOUT, DEFAULT_WAIT_TIMEOUT, SandboxProcess, SandboxStream
+from ._runtime import ANYIO, Runtime, deadline
 from ._sandbox import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_STREAM_BUFFER,
@@ -34,6 +36,7 @@ from ._transport import (
 )
 
 __all__ = [
+    "ANYIO",
     "AttachOptions",
     "CreateOptions",
     "CLOSE_TIMEOUT",
@@ -50,6 +53,7 @@ __all__ = [
     "HandshakeRefused",
     "PullTransport",
     "Receiver",
+    "Runtime",
     "SandboxProcess",
     "SandboxStream",
     "Spawn",

@@ -18,7 +18,8 @@ import anyio
 
 from sandbox_proto import SandboxExecutionError
 
-from ._process import SandboxProcess, deadline
+from ._process import SandboxProcess
+from ._runtime import deadline
 
 if TYPE_CHECKING:
     from ._sandbox import BaseSandbox

@@ -1,13 +1,10 @@
-"""A running exec and its output streams, on anyio (so on asyncio and trio alike)."""
+"""A running exec and its output streams, on the sandbox's runtime (asyncio or trio)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
-
-import anyio
-import anyio.lowlevel
 
 from sandbox_proto import (
     LocalProtocolError,
@@ -17,6 +14,8 @@ from sandbox_proto import (
     SandboxStateError,
     SandboxTimeoutError,
 )
+
+from ._runtime import Event, Runtime
 
 if TYPE_CHECKING:
     from ._sandbox import BaseSandbox
@@ -28,12 +27,13 @@ DEFAULT_STDIN_TIMEOUT = 30.0
 
 
 class Wakeup:
-    """A reusable wake-up: anyio events fire once, so a fresh one is made per wait."""
+    """A reusable wake-up: events fire once, so a fresh one is made per wait."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_event", "_runtime")
 
-    def __init__(self) -> None:
-        self._event: anyio.Event | None = None
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._event: Event | None = None
 
     def set(self) -> None:
         if self._event is not None:
@@ -42,41 +42,68 @@ class Wakeup:
 
     async def wait(self) -> None:
         if self._event is None:
-            self._event = anyio.Event()
+            self._event = self._runtime.event()
         await self._event.wait()
 
 
 class Flag:
-    """A one-time event whose ``anyio.Event`` is made only if someone has to wait.
+    """A one-time event whose event object is made only if someone has to wait.
 
     Most flags are set before anyone waits (or never waited on at all): they
     then cost a small object, and waiting on a set flag does not yield to the
-    event loop (it still raises if the task is cancelled).
+    event loop (on trio it still raises if the task is cancelled).
     """
 
-    __slots__ = ("_event", "_set")
+    __slots__ = ("_event", "_runtime", "is_set")
 
-    def __init__(self) -> None:
-        self._set = False
-        self._event: anyio.Event | None = None
-
-    def is_set(self) -> bool:
-        return self._set
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        #: Read, never written, by others.
+        self.is_set = False
+        self._event: Event | None = None
 
     def set(self) -> None:
-        if not self._set:
-            self._set = True
+        if not self.is_set:
+            self.is_set = True
             event, self._event = self._event, None  # waiters hold it; later waits need none
             if event is not None:
                 event.set()
 
     async def wait(self) -> None:
-        if self._set:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+        if self.is_set:
+            if (check := self._runtime.checkpoint_if_cancelled) is not None:
+                await check()
             return
         if self._event is None:
-            self._event = anyio.Event()
+            self._event = self._runtime.event()
         await self._event.wait()
+
+
+class Outcome(Flag):
+    """The one-time result of an operation: success or an error, waited on by the caller."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        self.error: SandboxException | None = None
+
+    def resolve(self, error: SandboxException | None) -> None:
+        if not self.is_set:
+            self.error = error
+            self.set()
+
+    async def wait(self) -> None:
+        # Flag.wait written out: one coroutine less on the way of every exec.
+        if self.is_set:
+            if (check := self._runtime.checkpoint_if_cancelled) is not None:
+                await check()
+        else:
+            if self._event is None:
+                self._event = self._runtime.event()
+            await self._event.wait()
+        if self.error is not None:
+            raise self.error
 
 
 class SendLock:
@@ -87,87 +114,36 @@ class SendLock:
     gets it next does not matter.
     """
 
-    __slots__ = ("_busy", "_free")
+    __slots__ = ("_free", "_runtime", "busy")
 
-    def __init__(self) -> None:
-        self._busy = False
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        #: Read, never written, by others.
+        self.busy = False
         self._free: Flag | None = None
 
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    async def __aenter__(self) -> None:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        while self._busy:
+    async def acquire(self) -> None:
+        if (check := self._runtime.checkpoint_if_cancelled) is not None:
+            await check()
+        while self.busy:
             if self._free is None:
-                self._free = Flag()
+                self._free = Flag(self._runtime)
             await self._free.wait()
-        self._busy = True
+        self.busy = True
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._busy = False
+    def release(self) -> None:
+        self.busy = False
         free, self._free = self._free, None
         if free is not None:
             free.set()
 
+    async def __aenter__(self) -> None:
+        await self.acquire()
 
-class Outcome:
-    """The one-time result of an operation: success or an error, waited on by the caller."""
-
-    __slots__ = ("_done", "error")
-
-    def __init__(self) -> None:
-        self._done = Flag()
-        self.error: SandboxException | None = None
-
-    @property
-    def is_set(self) -> bool:
-        return self._done.is_set()
-
-    def resolve(self, error: SandboxException | None) -> None:
-        if not self._done.is_set():
-            self.error = error
-            self._done.set()
-
-    async def wait(self) -> None:
-        await self._done.wait()
-        if self.error is not None:
-            raise self.error
-
-
-class deadline:
-    """``anyio.fail_after`` raising :class:`SandboxTimeoutError` that says what timed out.
-
-    A bare cancel scope, as ``fail_after`` makes, without its two generator-based
-    context managers; with no timeout there is no cancel scope at all.
-    """
-
-    __slots__ = ("_scope", "_timeout", "_what")
-
-    def __init__(self, timeout: float | None, what: str) -> None:
-        self._scope: anyio.CancelScope | None = None
-        self._timeout = timeout
-        self._what = what
-
-    def __enter__(self) -> None:
-        if self._timeout is not None:
-            self._scope = anyio.CancelScope(deadline=anyio.current_time() + self._timeout)
-            self._scope.__enter__()
-
-    def __exit__(
+    async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        scope = self._scope
-        if scope is None:
-            return None
-        suppressed = scope.__exit__(exc_type, exc, tb)
-        if (exc_type is None or suppressed) and scope.cancelled_caught and anyio.current_time() >= scope.deadline:
-            assert self._timeout is not None
-            raise SandboxTimeoutError(f"{self._what} took longer than {self._timeout:g}s") from None
-        return suppressed
+    ) -> None:
+        self.release()
 
 
 class SandboxStream:
@@ -178,13 +154,14 @@ class SandboxStream:
     newline included); :meth:`read_all` everything until the process ends.
     """
 
-    def __init__(self, name: str, budget: OutputBudget, space: Callable[[], None]) -> None:
+    def __init__(self, name: str, budget: OutputBudget, space: Callable[[], None], runtime: Runtime) -> None:
         #: ``"stdout"`` or ``"stderr"``.
         self.name = name
         self._buffer = OutputBuffer(budget)
         self._budget = budget
         self._space = space
-        self._readable = Wakeup()
+        self._runtime = runtime
+        self._readable = Wakeup(runtime)
         #: How long ``async for`` waits for each line, in seconds (``None``: no limit).
         self.read_timeout: float | None = DEFAULT_WAIT_TIMEOUT
         #: Readers waiting for the next chunk or line. ``read_all`` waits for the end
@@ -216,7 +193,7 @@ class SandboxStream:
     ) -> str:
         item = pop()
         if item is None:
-            with deadline(timeout, f"{what} {self.name}"):
+            with self._runtime.deadline(timeout, f"{what} {self.name}"):
                 if eager:
                     self._eager_waiters += 1
                 try:
@@ -241,6 +218,8 @@ class SandboxStream:
 
     async def read_all(self, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> str:
         """Everything until the process ends (what was already read is not repeated)."""
+        if self._buffer.eof:  # the process has ended: all of it is here, no wait
+            return self._buffer.pop_all()
         parts: list[str] = []
 
         def pop() -> str | None:
@@ -267,19 +246,21 @@ class SandboxProcess:
 
     def __init__(self, sandbox: BaseSandbox, exec_id: int, buffer_limit: int, space: Callable[[], None]) -> None:
         self._sandbox = sandbox
+        self._runtime = runtime = sandbox._runtime
         #: This exec's number within its sandbox object (1, 2, ...).
         self.exec_id = exec_id
         self._budget = OutputBudget(buffer_limit)
         #: Called when the user's buffers have room again: reading the socket resumes (back-pressure).
         self._space = space
         #: The process's standard output, a :class:`SandboxStream`.
-        self.stdout = SandboxStream("stdout", self._budget, self._space)
+        self.stdout = SandboxStream("stdout", self._budget, self._space, runtime)
         #: The process's standard error, a :class:`SandboxStream`.
-        self.stderr = SandboxStream("stderr", self._budget, self._space)
-        self._started = Outcome()
-        self._done = Flag()
+        self.stderr = SandboxStream("stderr", self._budget, self._space, runtime)
+        self._started = Outcome(runtime)
+        self._done = Flag(runtime)
         self._error: SandboxException | None = None
-        self._kill = Outcome()
+        #: The kill under way, if one was asked for.
+        self._kill: Outcome | None = None
         #: The exit status reported by the server (``exit_code`` extension), else ``None``.
         self.returncode: int | None = None
         #: ``True`` once output may have been lost (reconnect to a server without ``seq``).
@@ -288,7 +269,7 @@ class SandboxProcess:
         self.stdin_may_be_incomplete = False
 
     def __repr__(self) -> str:
-        state = "done" if self._done.is_set() else "running"
+        state = "done" if self._done.is_set else "running"
         return f"<SandboxProcess {self.exec_id} {state} returncode={self.returncode}>"
 
     # -- fed by the driver
@@ -297,16 +278,18 @@ class SandboxProcess:
         self._started.resolve(None)
 
     def _finish(self, returncode: int | None, error: SandboxException | None) -> None:
-        if self._done.is_set():
+        if self._done.is_set:
             return
         self.returncode = returncode
         self._error = error
-        self._started.resolve(error or SandboxStateError("the process ended before it started"))
+        if not self._started.is_set:
+            self._started.resolve(error or SandboxStateError("the process ended before it started"))
         self.stdout._end(error)
         self.stderr._end(error)
         self._space()  # nothing more will arrive for this process
         self._done.set()
-        self._kill.resolve(None)
+        if self._kill is not None:
+            self._kill.resolve(None)
 
     def _feed(self, stream: str, data: str) -> bool:
         """Hold ``data`` for the user; ``True`` if the buffers are now full."""
@@ -319,27 +302,29 @@ class SandboxProcess:
         return True
 
     def _kill_failed(self, error: SandboxException) -> None:
-        self._kill.resolve(error)
+        if self._kill is not None:
+            self._kill.resolve(error)
 
     @property
     def _buffers_full(self) -> bool:
-        return self._budget.full and not self._done.is_set()
+        return self._budget.full and not self._done.is_set
 
     # -- user API
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._done.is_set
 
     async def wait(self, *, timeout: float | None = DEFAULT_WAIT_TIMEOUT) -> int | None:
         """Wait for the process to end; returns :attr:`returncode` (``None`` if unknown).
 
         Raises the connection's error if the process could not be followed to its end.
         """
-        if self._done.is_set():
-            await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._done.is_set:
+            if (check := self._runtime.checkpoint_if_cancelled) is not None:
+                await check()
         else:
-            with deadline(timeout, "waiting for the process"):
+            with self._runtime.deadline(timeout, "waiting for the process"):
                 await self._done.wait()
         if self._error is not None:
             raise self._error
@@ -351,7 +336,7 @@ class SandboxProcess:
             self._sandbox._protocol.write_stdin(self.exec_id, data)
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        with deadline(timeout, "writing to stdin"):
+        with self._runtime.deadline(timeout, "writing to stdin"):
             await self._sandbox._flush()
 
     async def close_stdin(self, *, timeout: float | None = DEFAULT_STDIN_TIMEOUT) -> None:
@@ -360,7 +345,7 @@ class SandboxProcess:
             self._sandbox._protocol.close_stdin(self.exec_id)
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        with deadline(timeout, "closing stdin"):
+        with self._runtime.deadline(timeout, "closing stdin"):
             await self._sandbox._flush()
 
     async def kill(self, *, timeout: float | None = DEFAULT_KILL_TIMEOUT) -> None:
@@ -371,15 +356,16 @@ class SandboxProcess:
         as ended (as upstream does); if it could not even be sent,
         :class:`SandboxTimeoutError` is raised and the kill stays owed.
         """
-        if self._done.is_set():
+        if self._done.is_set:
             return
-        if self._kill.is_set:
-            self._kill = Outcome()  # an earlier kill failed: try again
+        if self._kill is None or self._kill.is_set:
+            self._kill = Outcome(self._runtime)  # the first kill, or an earlier one failed: try again
+        kill = self._kill
         self._sandbox._protocol.kill_process(self.exec_id)
         try:
-            with deadline(timeout, "killing the process"):
+            with self._runtime.deadline(timeout, "killing the process"):
                 await self._sandbox._flush()
-                await self._kill.wait()
+                await kill.wait()
         except SandboxTimeoutError:
             ended = self._sandbox._protocol.kill_process_timed_out(self.exec_id)
             self._sandbox._dispatch()

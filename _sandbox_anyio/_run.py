@@ -10,7 +10,7 @@ import anyio
 
 from sandbox_proto import EXT_CLOSE_STDIN, RunResult, SandboxProcessError, SandboxStateError, check_exec_arguments
 
-from ._process import SandboxProcess, SandboxStream, deadline
+from ._process import SandboxProcess, SandboxStream
 
 if TYPE_CHECKING:
     from ._sandbox import BaseSandbox
@@ -38,7 +38,7 @@ async def run(
         raise TypeError(f"stdin must be a str, not {type(stdin).__name__}")
     process: SandboxProcess | None = None
     try:
-        with deadline(timeout, f"running the {language} code"):
+        with sandbox._runtime.deadline(timeout, f"running the {language} code"):
             # No timeout of its own: the deadline covers starting too. If it runs out
             # before the start, exec() withdraws the exec, or kills it once it starts.
             process = await sandbox.exec(language, code, timeout=None, env=env, cwd=cwd)

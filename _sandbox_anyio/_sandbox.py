@@ -1,8 +1,9 @@
 """The runtime-neutral sandbox driver: moves frames between a transport and ``sandbox_proto``.
 
 Written on anyio, so one implementation serves asyncio and trio. What differs
-per runtime is small and injected: the transport, and how a background task
-is started (an asyncio task, or a trio nursery).
+per runtime is small and injected: the transport, how a background task is
+started (an asyncio task, or a trio nursery), and the :class:`Runtime` whose
+native deadlines, events and clock the hot path uses instead of anyio's.
 
 The transport calls the driver (:meth:`BaseSandbox.message_received`) as each
 message arrives; the driver feeds the core and wakes whoever waits, so a
@@ -19,7 +20,7 @@ import ssl as ssl_module
 import weakref
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, Self, TypedDict
+from typing import Any, ClassVar, Self, TypedDict
 
 import anyio
 
@@ -64,8 +65,8 @@ from ._process import (
     SandboxProcess,
     SendLock,
     Wakeup,
-    deadline,
 )
+from ._runtime import ANYIO, Runtime, deadline
 from ._transport import CLOSE_TIMEOUT, HandshakeRefused, Spawn, Transport, TransportClosed
 
 logger = logging.getLogger("sandbox")
@@ -243,7 +244,11 @@ class BaseSandbox:
     detaches and leaves it running.
     """
 
+    #: The event loop's primitives for the hot path; each runtime package sets its own.
+    _runtime: ClassVar[Runtime] = ANYIO
+
     def __init__(self, url: str, protocol: ClientProtocol, transport: Transport, options: AttachOptions) -> None:
+        runtime = self._runtime
         token_provider = options.get("token_provider")
         if options.get("use_google_auth") and token_provider is None:
             token_provider = google_id_token_provider(url)
@@ -253,15 +258,15 @@ class BaseSandbox:
         self._transport = transport
         self._buffer_limit = options.get("stream_buffer_size", DEFAULT_STREAM_BUFFER)
         # Uncontended, taking it costs no event-loop round; and no deque per sandbox.
-        self._send_lock = SendLock()
+        self._send_lock = SendLock(runtime)
         self._spawn: Spawn | None = None
-        self._clock: Callable[[], float] = anyio.current_time
         self._setup: Outcome | None = None
         self._process: SandboxProcess | None = None
-        self._kill_outcome = Outcome()
-        self._checkpoint_outcome = Outcome()
-        self._snapshot_outcome = Outcome()
-        self._ended = Flag()
+        # Made by the call that waits for them: an idle sandbox holds none.
+        self._kill_outcome: Outcome | None = None
+        self._checkpoint_outcome: Outcome | None = None
+        self._snapshot_outcome: Outcome | None = None
+        self._ended = Flag(runtime)
         self._end_error: SandboxException | None = None
         self._close_code: int | None = None
         self._close_abort = False
@@ -271,7 +276,7 @@ class BaseSandbox:
         self._buffers_filled = False
         self._flush_scheduled = False
         #: Woken whenever the background writer has sent all it could.
-        self._writer_idle = Wakeup()
+        self._writer_idle = Wakeup(runtime)
         #: The reconnecting task, while one runs.
         self._reconnect_scope: anyio.CancelScope | None = None
         self._reconnect_done: Flag | None = None
@@ -283,10 +288,8 @@ class BaseSandbox:
     # ------------------------------------------------------------------
     # opening
 
-    async def _open(
-        self, spawn: Spawn, clock: Callable[[], float], timeout: float | None, *, spawn_detached: Spawn
-    ) -> Self:
-        """Open the sandbox; ``clock`` is the event loop's (the transport calls back outside any task).
+    async def _open(self, spawn: Spawn, timeout: float | None, *, spawn_detached: Spawn) -> Self:
+        """Open the sandbox; ``spawn`` starts its background tasks.
 
         ``spawn_detached`` starts a task from any thread without holding this
         object: a sandbox dropped without ``close()`` is collected, and its
@@ -296,8 +299,7 @@ class BaseSandbox:
             raise SandboxStateError("this sandbox object is already open")
         self._finalizer = weakref.finalize(self, _abandon, spawn_detached, self._transport)
         self._spawn = spawn
-        self._clock = clock
-        self._setup = Outcome()
+        self._setup = Outcome(self._runtime)
         try:
             with deadline(timeout, "opening the sandbox"):
                 await self._connect(timeout)
@@ -325,7 +327,7 @@ class BaseSandbox:
             cookies = await self._transport.connect(handshake.url, headers, ssl=self._ssl, timeout=open_timeout)
         except SandboxConnectionError as exc:
             status = exc.http_status if isinstance(exc, HandshakeRefused) else None
-            self._protocol.connection_failed(exc, now=self._clock(), http_status=status)
+            self._protocol.connection_failed(exc, now=self._runtime.now(), http_status=status)
             self._dispatch()
             return
         self._protocol.connection_opened(cookies)
@@ -375,13 +377,13 @@ class BaseSandbox:
 
     def _lost(self, code: int, reason: str) -> None:
         try:
-            self._protocol.connection_closed(code, reason, now=self._clock())
+            self._protocol.connection_closed(code, reason, now=self._runtime.now())
             self._dispatch()
         except Exception as exc:
             self._fail(exc)
             return
         if self._reconnect_delay is not None and self._reconnect_done is None:
-            self._reconnect_done = Flag()
+            self._reconnect_done = Flag(self._runtime)
             self._background(self._run_reconnect)
 
     def _resume_reading(self) -> None:
@@ -392,7 +394,7 @@ class BaseSandbox:
 
     def _fail(self, exc: Exception) -> None:
         logger.exception("sandbox driver failed")
-        self._protocol.connection_closed(1006, f"internal error: {exc}", now=self._clock())
+        self._protocol.connection_closed(1006, f"internal error: {exc}", now=self._runtime.now())
         self._protocol.close()
         self._dispatch()
         self._close_abort = True
@@ -406,8 +408,9 @@ class BaseSandbox:
         """The background writer: sends what the core queued, shielded from every caller's deadline."""
         self._flush_scheduled = False
         try:
-            with anyio.CancelScope(shield=True):
+            with self._runtime.shield():
                 await self._send_queued()
+                await self._close_transport()
         except Exception:
             logger.exception("sending failed")
         finally:
@@ -434,7 +437,7 @@ class BaseSandbox:
             self._reconnect_delay = None
             if delay:
                 await anyio.sleep(delay)
-            if self._ended.is_set():
+            if self._ended.is_set:
                 return
             await self._connect(DEFAULT_CONNECT_TIMEOUT)
 
@@ -447,13 +450,18 @@ class BaseSandbox:
         """
         if self._transport.cancel_safe_send:
             await self._send_queued()
-            return
+            if self._close_code is None:
+                return
+            # Closing is the background writer's, shielded there: on asyncio the caller's deadline
+            # is native, and anyio's shields do not hold it back (see _runtime).
         while self._protocol.has_data_to_send or self._flush_scheduled or self._close_code is not None:
             self._schedule_flush()
             await self._writer_idle.wait()
 
     async def _send_queued(self) -> None:
-        async with self._send_lock:
+        lock = self._send_lock
+        await lock.acquire()
+        try:
             while frames := self._protocol.data_to_send():
                 for index, text in enumerate(frames):
                     try:
@@ -470,8 +478,8 @@ class BaseSandbox:
                         if self._protocol.has_data_to_send:
                             self._schedule_flush()
                         raise
-        if self._close_code is not None:
-            await self._close_transport()
+        finally:
+            lock.release()
 
     async def _close_transport(self) -> None:
         code, self._close_code = self._close_code, None
@@ -514,11 +522,14 @@ class BaseSandbox:
                 if self._setup is not None:
                     self._setup.resolve(event.error if isinstance(event, SetupFailed) else None)
             elif isinstance(event, KillSandboxDone):
-                self._kill_outcome.resolve(event.error)
+                if self._kill_outcome is not None:
+                    self._kill_outcome.resolve(event.error)
             elif isinstance(event, CheckpointDone):
-                self._checkpoint_outcome.resolve(event.error)
+                if self._checkpoint_outcome is not None:
+                    self._checkpoint_outcome.resolve(event.error)
             elif isinstance(event, SnapshotDone):
-                self._snapshot_outcome.resolve(event.error)
+                if self._snapshot_outcome is not None:
+                    self._snapshot_outcome.resolve(event.error)
             elif isinstance(event, ReconnectScheduled):
                 self._reconnect_delay = event.delay
             elif isinstance(event, Reconnected):
@@ -530,7 +541,8 @@ class BaseSandbox:
             elif isinstance(event, SessionEnded):
                 self._end_error = event.error
                 self._ended.set()
-                self._kill_outcome.resolve(None)  # nothing left to kill from here
+                if self._kill_outcome is not None:
+                    self._kill_outcome.resolve(None)  # nothing left to kill from here
                 if self._setup is not None:
                     self._setup.resolve(event.error or SandboxStateError(f"the sandbox is {self.state}"))
 
@@ -614,8 +626,11 @@ class BaseSandbox:
         process = SandboxProcess(self, exec_id, self._buffer_limit, self._resume_reading)
         self._process = process
         try:
-            with deadline(timeout, "starting the exec"):
-                await self._flush()
+            with self._runtime.deadline(timeout, "starting the exec"):
+                if self._transport.cancel_safe_send:
+                    await self._flush()
+                else:
+                    self._schedule_flush()  # no need to wait for the writer: the reply is what counts
                 await process._started.wait()
         except BaseException:
             if not process._started.is_set:
@@ -663,17 +678,20 @@ class BaseSandbox:
         raises :class:`SandboxConnectionError` if it could not be delivered.
         """
         try:
-            if not self._ended.is_set():
+            if not self._ended.is_set:
+                if self._kill_outcome is None:
+                    self._kill_outcome = Outcome(self._runtime)
+                outcome = self._kill_outcome
                 self._protocol.kill_sandbox()
                 self._dispatch()
                 try:
                     with deadline(timeout, "killing the sandbox"):
                         await self._flush()
-                        await self._kill_outcome.wait()
+                        await outcome.wait()
                 except SandboxTimeoutError:
                     self._protocol.kill_sandbox_timed_out()
                     self._dispatch()
-                    await self._kill_outcome.wait()
+                    await outcome.wait()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._settle()
@@ -684,11 +702,11 @@ class BaseSandbox:
             self._protocol.checkpoint()
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        self._checkpoint_outcome = Outcome()
+        self._checkpoint_outcome = outcome = Outcome(self._runtime)
         try:
             with deadline(timeout, "checkpointing"):
                 await self._flush()
-                await self._checkpoint_outcome.wait()
+                await outcome.wait()
         except SandboxTimeoutError:
             self._protocol.checkpoint_timed_out()
             self._dispatch()
@@ -704,11 +722,11 @@ class BaseSandbox:
             self._protocol.snapshot_filesystem(name)
         except LocalProtocolError as exc:
             raise SandboxStateError(str(exc)) from None
-        self._snapshot_outcome = Outcome()
+        self._snapshot_outcome = outcome = Outcome(self._runtime)
         try:
             with deadline(timeout, "snapshotting the filesystem"):
                 await self._flush()
-                await self._snapshot_outcome.wait()
+                await outcome.wait()
         except SandboxTimeoutError:
             self._protocol.snapshot_timed_out()
             raise

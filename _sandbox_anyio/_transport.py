@@ -27,6 +27,7 @@ import certifi
 from sandbox_proto import SandboxConnectionError
 
 from ._process import Wakeup
+from ._runtime import ANYIO, Runtime
 
 logger = logging.getLogger("sandbox")
 
@@ -141,11 +142,11 @@ class ReadingGate:
 
     __slots__ = ("_pauses", "_resumed", "paused")
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime = ANYIO) -> None:
         self.paused = False
         #: Pauses so far: a cycle that began at another count saw one.
         self._pauses = 0
-        self._resumed = Wakeup()
+        self._resumed = Wakeup(runtime)
 
     def pause(self) -> None:
         if not self.paused:
@@ -170,9 +171,9 @@ class ReadingGate:
 class PullTransport(ABC):
     """A :class:`Transport` for libraries that only offer ``recv()``: a task reads and delivers."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: Runtime = ANYIO) -> None:
         #: Paused by the driver; a subclass's keepalive asks it before calling a peer dead.
-        self._reading = ReadingGate()
+        self._reading = ReadingGate(runtime)
 
     @abstractmethod
     async def recv(self) -> str | bytes:

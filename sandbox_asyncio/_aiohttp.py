@@ -43,6 +43,8 @@ from _sandbox_anyio import (
 )
 from sandbox_proto import SandboxConnectionError, redact
 
+from ._runtime import ASYNCIO
+
 #: The pong wait when ``ping_timeout=None``: aiohttp always sets one, so make it a day.
 _NO_PONG_LIMIT = 86400.0
 
@@ -107,7 +109,7 @@ class AiohttpTransport(PullTransport):
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float | None = PING_TIMEOUT,
     ) -> None:
-        super().__init__()
+        super().__init__(ASYNCIO)
         self._session = session
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout

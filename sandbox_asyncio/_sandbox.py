@@ -22,6 +22,7 @@ from _sandbox_anyio import (
 from _sandbox_anyio._extras import raise_for_missing_extra
 from _sandbox_anyio._opening import OpeningBase
 
+from ._runtime import ASYNCIO
 from ._websockets import WebsocketsTransport
 
 TransportName = Literal["websockets", "aiohttp"]
@@ -73,9 +74,7 @@ class _Opening(OpeningBase):
         self._used = True
         loop = asyncio.get_running_loop()
         spawn_detached = functools.partial(_spawn_threadsafe, loop)
-        return self._sandbox._open(
-            self._sandbox._start_task, loop.time, self._timeout, spawn_detached=spawn_detached
-        ).__await__()
+        return self._sandbox._open(self._sandbox._start_task, self._timeout, spawn_detached=spawn_detached).__await__()
 
     async def __aenter__(self) -> Sandbox:
         return await self
@@ -108,6 +107,8 @@ class Sandbox(BaseSandbox):
     the README's table. Leaving ``async with`` kills the sandbox (as upstream);
     :meth:`close` detaches and leaves it running.
     """
+
+    _runtime = ASYNCIO
 
     def _start_task(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
         task = asyncio.get_running_loop().create_task(function(), name=f"sandbox-{self.sandbox_id}")

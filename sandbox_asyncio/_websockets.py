@@ -21,6 +21,8 @@ from _sandbox_anyio import PING_INTERVAL, PING_TIMEOUT, Handoff, WebsocketsTrans
 from _sandbox_anyio._transport import ReadingGate
 from sandbox_proto import RedactingFilter
 
+from ._runtime import ASYNCIO
+
 #: Handed to websockets, whose debug log shows request lines and frames with the token.
 library_logger = logging.getLogger("sandbox_asyncio.websockets")
 library_logger.addFilter(RedactingFilter())
@@ -32,7 +34,7 @@ class _Connection(ClientConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.handoff = Handoff(self.protocol)
-        self.reading = ReadingGate()
+        self.reading = ReadingGate(ASYNCIO)
 
     def process_event(self, event: Event) -> None:
         if self.response is None or not isinstance(event, Frame) or not self.handoff.take(event):

@@ -36,6 +36,7 @@ from _sandbox_anyio import (
 )
 from sandbox_proto import SandboxStateError
 
+from ._runtime import TRIO
 from ._websockets import WebsocketsTransport
 
 if TYPE_CHECKING:
@@ -173,12 +174,13 @@ class Sandbox(BaseSandbox):
     """
 
     _transport: WebsocketsTransport | TrioWebsocketTransport
+    _runtime = TRIO
 
     async def _open_in(self, nursery: trio.Nursery, timeout: float | None) -> Sandbox:
         self._transport.nursery = nursery
         token = trio.lowlevel.current_trio_token()
         spawn_detached = functools.partial(_spawn_threadsafe, token, nursery)
-        return await self._open(nursery.start_soon, trio.current_time, timeout, spawn_detached=spawn_detached)
+        return await self._open(nursery.start_soon, timeout, spawn_detached=spawn_detached)
 
     @classmethod
     def create(

@@ -35,6 +35,8 @@ from _sandbox_anyio import (
 )
 from sandbox_proto import RedactingFilter, SandboxConnectionError, redact
 
+from ._runtime import TRIO
+
 # trio-websocket logs every URL it connects to, token included.
 logging.getLogger("trio-websocket").addFilter(RedactingFilter())
 logger = logging.getLogger("sandbox_trio")
@@ -47,7 +49,7 @@ class TrioWebsocketTransport(PullTransport):
     def __init__(
         self, *, ping_interval: float | None = PING_INTERVAL, ping_timeout: float | None = PING_TIMEOUT
     ) -> None:
-        super().__init__()
+        super().__init__(TRIO)
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         #: Set by the sandbox before connecting: where the connection's tasks run.
@@ -117,10 +119,11 @@ class TrioWebsocketTransport(PullTransport):
                 )
                 self._keepalive_scope.cancel()
                 self._keepalive_scope = trio.CancelScope()
-                if self._ping_interval is not None:
-                    private.start_soon(self._keepalive, ws, stream, self._ping_interval, self._keepalive_scope)
                 started = True
                 task_status.started(ws)
+                if self._ping_interval is not None:
+                    # Here, in the task that waits for the connection's end anyway: no task of its own.
+                    await self._keepalive(ws, stream, self._ping_interval, self._keepalive_scope)
         except Exception:
             if not started:
                 raise

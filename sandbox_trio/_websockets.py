@@ -24,6 +24,8 @@ from _sandbox_anyio import CLOSE_TIMEOUT, PING_INTERVAL, PING_TIMEOUT, Handoff, 
 from _sandbox_anyio._transport import ReadingGate
 from sandbox_proto import RedactingFilter
 
+from ._runtime import TRIO
+
 #: Handed to websockets, whose debug log shows request lines and frames with the token.
 library_logger = logging.getLogger("sandbox_trio.websockets")
 library_logger.addFilter(RedactingFilter())
@@ -77,7 +79,7 @@ class _Connection(ClientConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # its reading task starts later, at a checkpoint
         self.handoff = Handoff(self.protocol)
-        self.reading = ReadingGate()
+        self.reading = ReadingGate(TRIO)
 
     def process_event(self, event: Event) -> None:
         if self.response is None or not isinstance(event, Frame) or not self.handoff.take(event):
