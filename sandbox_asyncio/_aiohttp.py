@@ -12,6 +12,9 @@ header is sent and the handshake's ``Set-Cookie`` values are handed back to
 the core, so sandboxes never see each other's affinity cookies. It is closed
 when the last sandbox using it closes its connection.
 
+Messages go from aiohttp's parser to the driver inside the socket read (see
+``_aiohttp_handoff``): no reader task.
+
 Keepalive is aiohttp's ``heartbeat``: a ping after ``ping_interval`` seconds
 without incoming data, the connection dropped (1006) when nothing comes back
 within ``ping_timeout`` (aiohttp itself would allow half the interval). It is
@@ -37,13 +40,15 @@ from _sandbox_anyio import (
     PING_INTERVAL,
     PING_TIMEOUT,
     HandshakeRefused,
-    PullTransport,
+    Receiver,
+    Spawn,
     TransportClosed,
     default_ssl_context,
 )
+from _sandbox_anyio._transport import logger
 from sandbox_proto import SandboxConnectionError, redact
 
-from ._runtime import ASYNCIO
+from ._aiohttp_handoff import Handoff
 
 #: The pong wait when ``ping_timeout=None``: aiohttp always sets one, so make it a day.
 _NO_PONG_LIMIT = 86400.0
@@ -98,7 +103,7 @@ async def _release_shared(shared: _SharedSession) -> None:
         await shared.session.close()
 
 
-class AiohttpTransport(PullTransport):
+class AiohttpTransport:
     #: aiohttp writes the whole (uncompressed) frame to asyncio's transport before its only await (drain).
     cancel_safe_send = True
 
@@ -109,7 +114,6 @@ class AiohttpTransport(PullTransport):
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float | None = PING_TIMEOUT,
     ) -> None:
-        super().__init__(ASYNCIO)
         self._session = session
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -119,6 +123,7 @@ class AiohttpTransport(PullTransport):
         #: aiohttp, and seen done through the protocol's ``closed`` future.
         self._socket: asyncio.Transport | None = None
         self._handler: ResponseHandler | None = None
+        self._handoff: Handoff | None = None
         #: Made when the connection's end begins, set when it is over (a second caller waits for it).
         self._finished: anyio.Event | None = None
 
@@ -150,6 +155,7 @@ class AiohttpTransport(PullTransport):
         connection = ws._response.connection
         self._handler = connection.protocol if connection is not None else None
         self._socket = self._handler.transport if self._handler is not None else None
+        self._handoff = Handoff(ws, self._handler, self._end)
         return cookies
 
     async def _ws_connect(
@@ -188,8 +194,13 @@ class AiohttpTransport(PullTransport):
             ws._pong_heartbeat = self._ping_timeout if self._ping_timeout is not None else _NO_PONG_LIMIT
         return ws
 
+    def start(self, receiver: Receiver, spawn: Spawn) -> None:
+        assert self._handoff is not None
+        self._handoff.start(receiver)
+
     def pause_reading(self) -> None:
-        super().pause_reading()
+        assert self._handoff is not None
+        self._handoff.pause()
         ws = self._ws
         if ws is not None and self._ping_interval is not None:
             # Once aiohttp's queue is full it stops reading the socket, and a pong would wait
@@ -207,7 +218,8 @@ class AiohttpTransport(PullTransport):
             ws._heartbeat = self._ping_interval
             # A fresh cycle: a ping after an interval without data, as after connecting.
             ws._reset_heartbeat()
-        super().resume_reading()
+        assert self._handoff is not None
+        self._handoff.resume()
 
     async def send(self, text: str) -> None:
         assert self._ws is not None
@@ -218,13 +230,21 @@ class AiohttpTransport(PullTransport):
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise TransportClosed(1006, str(exc)) from None
 
-    async def recv(self) -> str | bytes:
+    async def _end(self, receiver: Receiver) -> None:
+        """Run once aiohttp's queue holds the connection's end: report it after the last message."""
+        try:
+            closed = await self._receive_end()
+        except Exception as exc:  # a library's surprise must not leave the driver waiting
+            logger.exception("reading the WebSocket failed")
+            await self.abort()
+            receiver.connection_lost(1006, f"transport failed: {type(exc).__name__}")
+            return
+        receiver.connection_lost(closed.code, closed.reason)
+
+    async def _receive_end(self) -> TransportClosed:
+        """aiohttp's ``receive()`` on the connection's end: its closing handshake and close code."""
         assert self._ws is not None
         msg = await self._ws.receive()
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            return str(msg.data)
-        if msg.type is aiohttp.WSMsgType.BINARY:
-            return bytes(msg.data)
         if msg.type is aiohttp.WSMsgType.CLOSE:
             closed = TransportClosed(int(msg.data), str(msg.extra or ""))
         else:
@@ -234,7 +254,7 @@ class AiohttpTransport(PullTransport):
             # The connection is over: a reconnect takes the session again, an end needs none.
             # After a loss (a missed pong, say) aiohttp only starts a graceful close: drop it.
             await self._finish(abort=closed.code == 1006)
-        raise closed
+        return closed
 
     async def close(self, code: int = 1000) -> None:
         graceful = False
