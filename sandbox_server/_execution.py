@@ -247,16 +247,19 @@ class Execution:
 
     def _frame(self, fd: int, data: bytes, end: int) -> None:
         """Append ``data[:end]`` to the log, one frame per 1024-byte piece."""
-        stream: Stream = "stdout" if fd == 1 else "stderr"
-        decoder = self._decoders[fd]
-        log = self.sandbox.log
+        decode = self._decoders[fd].decode
+        pieces = []
         # The incremental decoder carries a split character over to the next
         # piece instead of losing the stream (S2).
         for start in range(0, end, READ_SIZE):
             piece = data[start : min(start + READ_SIZE, end)]
-            text = decoder.decode(piece)
+            text = decode(piece)
             if text:
-                self.last_seq = log.append(stream, text, len(piece)).seq
+                pieces.append((text, len(piece)))
+        if pieces:
+            log = self.sandbox.log
+            log.extend("stdout" if fd == 1 else "stderr", pieces)
+            self.last_seq = log.last_seq
 
     def _flush_held(self) -> None:
         """Frame the held bytes now: the window is over, or an event must come after them."""
