@@ -70,8 +70,10 @@ def raise_fd_limit() -> None:
 
 async def _serve() -> None:
     raise_fd_limit()
+    # No open_timeout: a client opening 10,000 connections at once takes longer than
+    # websockets' 10 s to send its last handshake, and that is the client's time to measure.
     async with serve(
-        _handle, "127.0.0.1", 0, compression=None, ping_interval=None, max_size=None, backlog=4096
+        _handle, "127.0.0.1", 0, compression=None, ping_interval=None, max_size=None, backlog=4096, open_timeout=None
     ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         print(port, flush=True)  # noqa: T201 - the parent reads the port from stdout
@@ -84,6 +86,7 @@ class Blaster:
     def __init__(self) -> None:
         self._process: subprocess.Popen[str] | None = None
         self.url = ""
+        self.pid = 0
 
     def __enter__(self) -> Blaster:
         root = Path(__file__).resolve().parent.parent
@@ -93,6 +96,7 @@ class Blaster:
         assert self._process.stdout is not None
         port = int(self._process.stdout.readline())
         self.url = f"http://127.0.0.1:{port}"
+        self.pid = self._process.pid
         return self
 
     def __exit__(

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -135,22 +134,10 @@ def measure(url: str, runs: int, timed: int) -> Chunking:
 @contextmanager
 def our_server() -> Iterator[str]:
     """``python -m sandbox_server`` on a free loopback port, in its own process (off the client's GIL)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sandbox_server", "--port", "0", "--log-level", "ERROR"],
-        cwd=_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"sandbox_server did not start: {line!r}")
-        yield line.split()[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    from .server import local_server
+
+    with local_server() as (url, _):
+        yield url
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ from typing import Any
 from . import wire
 
 MAX_SIZE = 16 * 2**20  # as our transports, so the raw loops run with the same limits
+#: Opening handshake timeout of the raw loops: our clients' default (60 s), not websockets' 10 s,
+#: which the last of 10,000 concurrent handshakes exceeds while the client's CPU works through them.
+OPEN_TIMEOUT = 60.0
 
 
 class Kind:
@@ -66,7 +69,7 @@ class RawWebsockets(Kind):
         from websockets.asyncio.client import connect
 
         uri = url.replace("http", "ws", 1) + "/create"
-        return await self.created(await connect(uri, max_size=MAX_SIZE, max_queue=16))
+        return await self.created(await connect(uri, max_size=MAX_SIZE, max_queue=16, open_timeout=OPEN_TIMEOUT))
 
     @staticmethod
     async def created(ws: Any) -> Any:
@@ -130,7 +133,8 @@ class RawWebsocketsTrio(TrioKind, RawWebsockets):
         from websockets.trio.client import connect
 
         uri = url.replace("http", "ws", 1) + "/create"
-        return await self.created(await connect(uri, max_size=MAX_SIZE, max_queue=16).connect(self.nursery))
+        connection = connect(uri, max_size=MAX_SIZE, max_queue=16, open_timeout=OPEN_TIMEOUT)
+        return await self.created(await connection.connect(self.nursery))
 
     async def close(self, conn: Any) -> None:
         await conn.aclose()

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from . import wire
+from . import server, wire
 from .clients import Ours, OursSync, make
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -216,7 +216,7 @@ def bounded(kind_name: str, url: str, total: int, pause: float, buffer: int) -> 
     return anyio.run(main, backend=kind.backend)
 
 
-_CHILD: dict[str, Callable[..., dict[str, float]]] = {"scale": scale, "bounded": bounded}
+_CHILD: dict[str, Callable[..., dict[str, float]]] = {"scale": scale, "bounded": bounded, "hold": server.hold}
 
 
 def in_child(name: str, *args: Any) -> dict[str, float]:
@@ -227,7 +227,7 @@ def in_child(name: str, *args: Any) -> dict[str, float]:
         cwd=root,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # 10,000 sandboxes on the slowest transport take a minute or two
     )
     if out.returncode:
         raise RuntimeError(f"{name}{args} failed:\n{out.stderr[-3000:]}")
