@@ -162,6 +162,12 @@ def _split_lines(frames: list[str]) -> int:
     return sum(not data.endswith("\n") for data in frames)
 
 
+#: Most lines of 100 that may split, as a median: 0-1 on a quiet machine, more when four test
+#: workers share two cores and the server is descheduled past its window; without the window
+#: the first test below splits 64-98.
+SPLIT_BOUND = 10
+
+
 async def _median_split(wire: Wire, code: str, expected: str) -> tuple[float, list[int]]:
     # A line can still split if the process is descheduled for longer than the
     # window between two writes: the median of five tries is what counts, so a
@@ -189,7 +195,7 @@ async def test_two_writes_within_the_window_arrive_as_one_frame(upstream_local: 
         "    time.sleep(0.001)\n"
     )
     median, counts = await _median_split(wire, code, "".join(f"line {i}\n" for i in range(100)))
-    assert median <= 3, f"lines split in five tries of 100: {counts}"
+    assert median <= SPLIT_BOUND, f"lines split in five tries of 100: {counts}"
 
 
 async def test_print_lines_arrive_whole(upstream_local: LocalServer) -> None:
@@ -200,4 +206,4 @@ async def test_print_lines_arrive_whole(upstream_local: LocalServer) -> None:
     wire = await Wire.create(upstream_local.url, "upstream")
     code = "import time\nfor i in range(100):\n    print('line', i)\n    time.sleep(0.001)"
     median, counts = await _median_split(wire, code, "".join(f"line {i}\n" for i in range(100)))
-    assert median <= 3, f"lines split in five tries of 100: {counts}"
+    assert median <= SPLIT_BOUND, f"lines split in five tries of 100: {counts}"
