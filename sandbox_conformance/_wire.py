@@ -7,6 +7,7 @@ the ``Sandbox`` client, so a vector tests the server and nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import socket
@@ -399,7 +400,10 @@ class Runner:
         while True:
             conn = await self.open(self.attach_path(sandbox_id, token), what, cookies, extensions=extensions)
             if first is not None:
-                await conn.send(first)  # as upstream clients do, before reading anything
+                # As upstream clients do, before reading anything. A refusal (IN_USE, then close
+                # 1011) can close the socket before this goes out: the frames read next tell.
+                with contextlib.suppress(ConnectionClosed):
+                    await conn.send(first)
             raw = await conn.recv("the first attach frame")
             if raw != st("SANDBOX_IN_USE") or not retry_in_use or loop.time() > give_up:
                 conn.push_back(raw)
