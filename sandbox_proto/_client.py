@@ -24,6 +24,7 @@ import enum
 import logging
 import random
 from collections.abc import Iterable
+from typing import Any
 
 from ._connection import Connection, PendingError
 from ._errors import (
@@ -79,7 +80,9 @@ from ._frames import (
     UnknownFrame,
     decode_server_object,
     encode_client_frame,
+    encode_exec_request,
     load_json,
+    scan_json,
 )
 from ._reconnect import NON_RETRYABLE_HTTP_STATUSES, SHARED_RNG, Handshake, ReconnectPolicy
 from ._status import ERROR_FRAME_STATUSES, FATAL_STATUSES, Status
@@ -110,6 +113,10 @@ def _extension_set(names: tuple[str, ...] | None, requested: frozenset[str]) -> 
 
 
 class SandboxState(enum.Enum):
+    # Enum's own __hash__ is a Python function; members are singletons that compare by
+    # identity, and CALL_TABLE and the sets of states are probed several times per exec.
+    __hash__ = object.__hash__
+
     CONNECTING = "connecting"
     CREATING = "creating"
     ATTACHING = "attaching"
@@ -136,12 +143,32 @@ _PROCESS_STATUSES = frozenset(
     or (status.name.startswith("SANDBOX_EXECUTION_") and status is not Status.SANDBOX_EXECUTION_IN_PROGRESS_ERROR)
 )
 
+#: The two statuses of every exec, by wire value: those :meth:`ClientProtocol.receive` takes fast.
+_EXEC_STATUSES = {status.value: status for status in (Status.SANDBOX_EXECUTION_RUNNING, Status.SANDBOX_EXECUTION_DONE)}
+#: Their exact texts as the server writes them (1.2), with the exit codes of a process's own
+#: exit and of signals: recognised whole, a parse saved on each.
+_EXEC_STATUS_TEXTS: dict[str, tuple[Status, int | None]] = {
+    '{"event":"status_update","status":"SANDBOX_EXECUTION_RUNNING"}': (Status.SANDBOX_EXECUTION_RUNNING, None),
+    '{"event":"status_update","status":"SANDBOX_EXECUTION_DONE"}': (Status.SANDBOX_EXECUTION_DONE, None),
+    **{
+        f'{{"event":"status_update","status":"SANDBOX_EXECUTION_DONE","exit_code":{code}}}': (
+            Status.SANDBOX_EXECUTION_DONE,
+            code,
+        )
+        for code in range(-64, 256)
+    },
+}
+#: Other lengths are not looked up: most stdout frames pay no hash of their text.
+_EXEC_STATUS_TEXT_MIN = min(map(len, _EXEC_STATUS_TEXTS))
+_EXEC_STATUS_TEXT_MAX = max(map(len, _EXEC_STATUS_TEXTS))
 
 # --------------------------------------------------------------------------
 # the table of user calls
 
 
 class Call(enum.Enum):
+    __hash__ = object.__hash__  # as SandboxState's: a CALL_TABLE key
+
     EXEC = "exec"
     STDIN = "write to stdin"
     CLOSE_STDIN = "close stdin"
@@ -185,9 +212,28 @@ CALL_TABLE: dict[SandboxState, dict[Call, Verdict]] = {
     SandboxState.FAILED: _ENDED_ROW,
 }
 
+# The members the per-exec and per-frame paths compare with, as globals: on Python 3.11
+# ``Enum.MEMBER`` goes through EnumType.__getattr__'s slow lookup (~1,100 instructions;
+# it was a third of the core's cost of an exec).
+_RUNNING = SandboxState.RUNNING
+_P_STARTING = ProcessState.STARTING
+_P_RUNNING = ProcessState.RUNNING
+_P_KILLING = ProcessState.KILLING
+_P_DONE = ProcessState.DONE
+_W_NONE = Wire.NONE
+_W_HELD = Wire.HELD
+_W_HANDED = Wire.HANDED
+_EXEC_RUNNING = Status.SANDBOX_EXECUTION_RUNNING
+_EXEC_DONE = Status.SANDBOX_EXECUTION_DONE
+_V_SEND = Verdict.SEND
+_V_REFUSE = Verdict.REFUSE
+_C_EXEC = Call.EXEC
+
 # What a frame handed to a socket stood for, so one that never left can be taken back.
 _Meta = tuple[str, Exec | None, StdinItem | None]
 _NO_META: _Meta = ("", None, None)
+#: Not a JSON value: ``receive`` has not parsed the frame (yet).
+_UNPARSED = object()
 
 
 class ClientProtocol:
@@ -518,13 +564,30 @@ class ClientProtocol:
 
     def receive(self, text: str | bytes) -> None:
         """Feed one message from the server."""
-        try:
-            obj = load_json(text)
-        except RemoteProtocolError as exc:
-            self._log.warning("ignoring malformed frame from the server: %s", exc)
-            return
-        # Fast path for the flood case, stdout/stderr (decoded once, typed checks
-        # inline); anything unusual goes through the full decoder below.
+        # Fast paths, each exactly what the full decoder below would conclude: the two
+        # statuses of every exec recognised by their whole text (no parse), then, once
+        # parsed, stdout/stderr (the flood case) and those statuses with extension
+        # fields (typed checks inline, no frame object).
+        obj: Any = _UNPARSED
+        if type(text) is str:
+            size = len(text)
+            if _EXEC_STATUS_TEXT_MIN <= size <= _EXEC_STATUS_TEXT_MAX:
+                known = _EXEC_STATUS_TEXTS.get(text)
+                if known is not None and self._exec_status(known[0], None, known[1]):
+                    return
+            # load_json's own first step, inline: one call less per frame.
+            try:
+                obj, end = scan_json(text, 0)
+            except (StopIteration, ValueError, RecursionError):
+                end = -1
+            if end != size:
+                obj = _UNPARSED
+        if obj is _UNPARSED:
+            try:
+                obj = load_json(text)
+            except RemoteProtocolError as exc:
+                self._log.warning("ignoring malformed frame from the server: %s", exc)
+                return
         if type(obj) is dict:
             event = obj.get("event")
             if event == "stdout" or event == "stderr":
@@ -534,9 +597,22 @@ class ClientProtocol:
                 if (
                     type(data) is str
                     and (seq is None or type(seq) is int)
-                    and (state is SandboxState.RUNNING or state not in _ENDED)
+                    and (state is _RUNNING or state not in _ENDED)
                 ):
                     self._output(event, data, seq)
+                    return
+            elif event == "status_update":
+                value = obj.get("status")
+                status = _EXEC_STATUSES.get(value) if type(value) is str else None
+                ref = obj.get("ref")
+                exit_code = obj.get("exit_code")
+                if (
+                    status is not None
+                    and (ref is None or type(ref) is str)
+                    and (exit_code is None or type(exit_code) is int)
+                    and obj.get("extensions") is None
+                    and self._exec_status(status, ref, exit_code)
+                ):
                     return
         try:
             frame = decode_server_object(obj)
@@ -568,6 +644,17 @@ class ClientProtocol:
         elif isinstance(frame, UnknownFrame):
             self._debug("ignoring unknown event %r", frame.event)
 
+    def _exec_status(self, status: Status, ref: str | None, exit_code: int | None) -> bool:
+        """A fast path's status frame, as :meth:`receive` would handle it; ``False``: left to it."""
+        conn = self._conn
+        state = self.state
+        if conn is None or (state is not _RUNNING and state in _ENDED):
+            return False  # the full path logs why it is ignored
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._debug("status %s", status)
+        self._on_process_status(conn, status, ref, exit_code)
+        return True
+
     def _on_sandbox_id(self, frame: SandboxIdFrame) -> None:
         if self.state is not SandboxState.CREATING or self.sandbox_id is not None:
             self._log.warning("ignoring unexpected sandbox_id frame in state %s", self.state.value)
@@ -581,7 +668,7 @@ class ClientProtocol:
                 return  # replayed twice: already delivered
             self._last_seq = seq
         proc = self._process
-        if proc is None or proc.state is ProcessState.STARTING or proc.state is ProcessState.DONE:
+        if proc is None or proc.state is _P_STARTING or proc.state is _P_DONE:
             self._debug("dropping %s output with no running process", stream)
             return
         self._events.append(Output(proc.exec_id, stream, data))
@@ -605,7 +692,7 @@ class ClientProtocol:
         if status in FATAL_STATUSES:
             self._reconnectable = False
         if status in _PROCESS_STATUSES:
-            self._on_process_status(conn, frame, status)
+            self._on_process_status(conn, status, frame.ref, frame.exit_code)
             return
         handler = _SANDBOX_HANDLERS.get(status)
         if handler is not None:
@@ -814,26 +901,27 @@ class ClientProtocol:
 
     # -- the active process
 
-    def _on_process_status(self, conn: Connection, frame: StatusFrame, status: Status) -> None:
+    def _on_process_status(self, conn: Connection, status: Status, ref: str | None, exit_code: int | None) -> None:
+        """``ref`` and ``exit_code``: the frame's extension fields (see :class:`StatusFrame`)."""
         proc = self._process
-        if proc is None or not proc.active:
+        if proc is None or proc.state is _P_DONE:
             if status in ERROR_FRAME_STATUSES:
                 conn.expect_error_frame(status, "log")
             if not conn.consume_stray(status):
                 self._debug("ignoring %s with no active process", status)
             return
-        if proc.state is ProcessState.STARTING:
-            if status is Status.SANDBOX_EXECUTION_RUNNING and conn.adopting and frame.ref != proc.ref:
+        if proc.state is _P_STARTING:
+            if status is _EXEC_RUNNING and conn.adopting and ref != proc.ref:
                 # The stream of another exec (another client's, or one we gave up on): had our
                 # request arrived while it ran, it would have been refused.
                 conn.adopting = False
                 err = SandboxConnectionError("the connection was lost before the exec started; it did not run")
                 self._finish(proc, ExecRejected(proc.exec_id, err))
-            elif status is Status.SANDBOX_EXECUTION_RUNNING:
+            elif status is _EXEC_RUNNING:
                 self._started(conn, proc)
             elif status in (Status.SANDBOX_EXECUTION_ERROR, Status.SANDBOX_EXECUTION_UNSUPPORTED_LANGUAGE_ERROR):
                 conn.expect_error_frame(status, "exec")
-            elif status is Status.SANDBOX_EXECUTION_DONE and conn.adopting:
+            elif status is _EXEC_DONE and conn.adopting:
                 conn.adopting = False
                 # One DONE cannot say which exec it ends: this one may have run and ended unseen.
                 err = SandboxConnectionError(
@@ -844,46 +932,51 @@ class ClientProtocol:
                 # A DONE or FORCE_KILLED before our first status belongs to an earlier exec.
                 self._debug("ignoring %s before the exec started", status)
             return
-        if status is Status.SANDBOX_EXECUTION_DONE:
-            if proc.kill is Wire.HANDED and not proc.force_killed_seen:
+        if status is _EXEC_DONE:
+            if proc.kill is _W_HANDED and not proc.force_killed_seen:
                 conn.stray_force_killed = True
             # 15: use an extension only when granted on this connection.
-            exit_code = frame.exit_code if EXT_EXIT_CODE in self.extensions else None
+            if EXT_EXIT_CODE not in self.extensions:
+                exit_code = None
             self._finish(proc, ProcessEnded(proc.exec_id, exit_code, None))
         elif status is Status.SANDBOX_EXECUTION_FORCE_KILLED:
             proc.force_killed_seen = True
-            proc.state = ProcessState.KILLING
+            proc.state = _P_KILLING
         elif status is Status.SANDBOX_EXECUTION_FORCE_KILL_ERROR:
-            if proc.kill is Wire.HANDED:
-                proc.kill = Wire.NONE
-                proc.state = ProcessState.RUNNING
+            if proc.kill is _W_HANDED:
+                proc.kill = _W_NONE
+                proc.state = _P_RUNNING
                 failure = SandboxExecutionError("the server could not kill the process", status=status)
                 self._emit(KillProcessFailed(proc.exec_id, failure))
-        elif status is Status.SANDBOX_EXECUTION_RUNNING:
+        elif status is _EXEC_RUNNING:
             pass  # the duplicate that starts a reconnect reply (7.12)
         elif status in ERROR_FRAME_STATUSES:
             # STDIN_ERROR, or an EXECUTION_ERROR about a request we did not make.
             conn.expect_error_frame(status, "log")
 
     def _started(self, conn: Connection, proc: Exec) -> None:
-        proc.state = ProcessState.RUNNING
+        proc.state = _P_RUNNING
         conn.adopting = False
         conn.stray_done = conn.stray_force_killed = False
-        self._emit(ExecStarted(proc.exec_id))
-        self._flush_stdin(proc)
-        self._send_kill_if_owed(proc)
+        self._events.append(ExecStarted(proc.exec_id))
+        # Guarded here, not only inside: most execs have neither, and this runs for each.
+        if proc.pending:
+            self._flush_stdin(proc)
+        if proc.kill is _W_HELD:
+            self._send_kill_if_owed(proc)
 
     def _finish(self, proc: Exec, event: ProcessEnded | ExecRejected) -> None:
-        if not proc.active:
+        if proc.state is _P_DONE:
             return
-        proc.state = ProcessState.DONE
-        proc.drop_stdin()
-        self._emit(event)
+        proc.state = _P_DONE
+        if proc.pending or proc.unacked:
+            proc.drop_stdin()
+        self._events.append(event)
         if proc is self._process and self._queued_exec is not None:
             # The abandoned exec is over: the one waiting behind it goes now.
             queued, self._queued_exec = self._queued_exec, None
             self._process = queued
-            if self.state is SandboxState.RUNNING:
+            if self.state is _RUNNING:
                 self._hand_exec(queued)
 
     # -- error frames
@@ -919,7 +1012,7 @@ class ClientProtocol:
 
     def _verdict(self, call: Call) -> Verdict:
         verdict = CALL_TABLE[self.state][call]
-        if verdict is Verdict.REFUSE:
+        if verdict is _V_REFUSE:
             raise LocalProtocolError(self._refusal(call))
         return verdict
 
@@ -938,10 +1031,11 @@ class ClientProtocol:
 
     def exec(self, language: str, code: str) -> int:
         """Start an exec; returns its id. Held while reconnecting, or behind an abandoned exec."""
-        verdict = self._verdict(Call.EXEC)
-        proc = Exec(self._next_exec_id, ExecRequest(language, code), f"{self._rng.getrandbits(64):016x}")
+        verdict = self._verdict(_C_EXEC)
+        # The 16 hex digits of f"{bits:016x}", at half the cost of formatting an int.
+        proc = Exec(self._next_exec_id, language, code, self._rng.getrandbits(64).to_bytes(8, "big").hex())
         active = self._process
-        if active is not None and active.active:
+        if active is not None and active.state is not _P_DONE:
             if not active.abandoned or self._queued_exec is not None:
                 raise LocalProtocolError(
                     "another process is still running in this sandbox; wait for it or kill it first"
@@ -949,17 +1043,19 @@ class ClientProtocol:
             self._queued_exec = proc
         else:
             self._process = proc
-            if verdict is Verdict.SEND:
+            if verdict is _V_SEND:
                 self._hand_exec(proc)
         self._next_exec_id += 1
         return proc.exec_id
 
     def _hand_exec(self, proc: Exec) -> None:
-        proc.request = Wire.HANDED
-        request = proc.exec_request
-        if EXT_EXEC_REF in self.extensions:
-            request = ExecRequest(request.language, request.code, proc.ref)
-        self._send(request, ("exec", proc, None))
+        proc.request = _W_HANDED
+        ref = proc.ref if EXT_EXEC_REF in self.extensions else None
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._debug("send %r", ExecRequest(proc.language, proc.code, ref))
+        # _send without its frame object and type dispatch: this is the one frame of every exec.
+        self._outgoing.append(encode_exec_request(proc.language, proc.code, ref))
+        self._outgoing_meta.append(("exec", proc, None))
 
     def abandon_exec(self, exec_id: int) -> None:
         """The caller stopped waiting for the exec to start: kill it once it starts, keep the sandbox."""
@@ -1030,8 +1126,8 @@ class ClientProtocol:
 
     def _send_kill_if_owed(self, proc: Exec) -> None:
         conn = self._conn
-        if proc.kill is Wire.HELD and proc.started and self.state in _CONNECTED and conn is not None:
-            proc.kill = Wire.HANDED
+        if proc.kill is _W_HELD and proc.started and self.state in _CONNECTED and conn is not None:
+            proc.kill = _W_HANDED
             self._send(KillProcessRequest(), ("kill", proc, None))
 
     def kill_process_timed_out(self, exec_id: int) -> bool:

@@ -21,7 +21,8 @@ class SetupFailed:
     error: SandboxException
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one per exec, and frozen ones cost 3x to make (as Output). Read-only; hashable as before.
+@dataclass(slots=True, unsafe_hash=True)
 class ExecStarted:
     exec_id: int
 
@@ -53,7 +54,7 @@ class StdinIncomplete:
     exec_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # as ExecStarted: one per exec
 class ProcessEnded:
     exec_id: int
     #: From the ``exit_code`` extension, else ``None``.

@@ -6,8 +6,6 @@ import enum
 from collections import deque
 from dataclasses import dataclass
 
-from ._frames import ExecRequest
-
 
 class ProcessState(enum.Enum):
     STARTING = "starting"
@@ -22,6 +20,16 @@ class Wire(enum.Enum):
     NONE = "none"  # not asked for (or answered)
     HELD = "held"  # asked for, not handed to a connection yet: sent once one is ready
     HANDED = "handed"  # handed to the current connection: it may or may not have reached the server
+
+
+# As globals for Exec's own use, once per exec or more: on Python 3.11 ``Enum.MEMBER``
+# goes through EnumType.__getattr__'s slow lookup (~1,100 instructions).
+_STARTING = ProcessState.STARTING
+_RUNNING = ProcessState.RUNNING
+_KILLING = ProcessState.KILLING
+_DONE = ProcessState.DONE
+_NONE = Wire.NONE
+_HELD = Wire.HELD
 
 
 @dataclass(slots=True)
@@ -42,10 +50,11 @@ class Exec:
 
     __slots__ = (
         "abandoned",
+        "code",
         "exec_id",
-        "exec_request",
         "force_killed_seen",
         "kill",
+        "language",
         "next_stdin_seq",
         "pending",
         "ref",
@@ -56,14 +65,16 @@ class Exec:
         "unnumbered_handed",
     )
 
-    def __init__(self, exec_id: int, exec_request: ExecRequest, ref: str) -> None:
+    def __init__(self, exec_id: int, language: str, code: str, ref: str) -> None:
         self.exec_id = exec_id
-        self.exec_request = exec_request
+        # The request's fields, not an ExecRequest: it is encoded straight from them (once per exec).
+        self.language = language
+        self.code = code
         #: The name sent with the request where ``exec_ref`` is granted, to know its stream again.
         self.ref = ref
-        self.state = ProcessState.STARTING
-        self.request = Wire.HELD
-        self.kill = Wire.NONE
+        self.state = _STARTING
+        self.request = _HELD
+        self.kill = _NONE
         self.force_killed_seen = False
         #: The caller gave up on it (timeout, cancellation): kill it once it starts.
         self.abandoned = False
@@ -79,11 +90,11 @@ class Exec:
 
     @property
     def active(self) -> bool:
-        return self.state is not ProcessState.DONE
+        return self.state is not _DONE
 
     @property
     def started(self) -> bool:
-        return self.state is ProcessState.RUNNING or self.state is ProcessState.KILLING
+        return self.state is _RUNNING or self.state is _KILLING
 
     # -- stdin
 

@@ -170,6 +170,19 @@ ServerFrame = StatusFrame | SandboxIdFrame | OutputFrame | ErrorFrame | OutputGa
 # The server's own format (1.2): compact, raw non-ASCII, insertion order. One
 # encoder for all: json.dumps with options builds a new one per call.
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The string encoder ``_dumps`` applies to every str (C): an exec request is written by
+# concatenation, the same text without JSONEncoder's per-call setup (~1 us, once per exec).
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def encode_exec_request(language: str, code: str, ref: str | None = None) -> str:
+    """The text of an :class:`ExecRequest`, exactly as :func:`encode_client_frame` writes it."""
+    try:
+        head = '{"language":' + _encode_str(language) + ',"code":' + _encode_str(code)
+        return head + "}" if ref is None else head + ',"ref":' + _encode_str(ref) + "}"
+    except TypeError:  # a value that is not a str (untyped callers): the generic encoder's text or error
+        obj = {"language": language, "code": code} if ref is None else {"language": language, "code": code, "ref": ref}
+        return _dumps(obj)
 
 
 def encode_client_frame(frame: ClientFrame) -> str:
@@ -189,9 +202,7 @@ def encode_client_frame(frame: ClientFrame) -> str:
             init["enable_sandbox_handoff"] = True
         return _dumps(init)
     if isinstance(frame, ExecRequest):
-        if frame.ref is None:
-            return _dumps({"language": frame.language, "code": frame.code})
-        return _dumps({"language": frame.language, "code": frame.code, "ref": frame.ref})
+        return encode_exec_request(frame.language, frame.code, frame.ref)
     if isinstance(frame, StdinRequest):
         if frame.seq is None:
             return _dumps({"event": "stdin", "data": frame.data})
@@ -242,14 +253,14 @@ def encode_server_frame(frame: ServerFrame) -> str:
 # (~2.5 us of a ~4 us parse of a small frame). Only a message it consumes whole
 # is taken from it; anything else goes through ``json.loads`` for the same
 # result or error message.
-_scan_once: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+scan_json: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def load_json(text: str | bytes) -> Any:
     """Parse one message as JSON (any value), or raise :class:`RemoteProtocolError`."""
     if type(text) is str:
         try:
-            obj, end = _scan_once(text, 0)
+            obj, end = scan_json(text, 0)
         except (StopIteration, ValueError, RecursionError):
             pass
         else:
