@@ -38,6 +38,19 @@ class Event(Protocol):
     async def wait(self) -> object: ...
 
 
+class CancelScope(Protocol):
+    """What :class:`deadline` needs of a cancel scope: anyio's and trio's both fit."""
+
+    @property
+    def cancelled_caught(self) -> bool: ...
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None: ...
+
+
 def timeout_error(what: str, timeout: float) -> SandboxTimeoutError:
     return SandboxTimeoutError(f"{what} took longer than {timeout:g}s")
 
@@ -81,14 +94,19 @@ class deadline:
     __slots__ = ("_scope", "_timeout", "_what")
 
     def __init__(self, timeout: float | None, what: str) -> None:
-        self._scope: anyio.CancelScope | None = None
+        self._scope: CancelScope | None = None
         self._timeout = timeout
         self._what = what
 
     def __enter__(self) -> None:
         if self._timeout is not None:
-            self._scope = anyio.CancelScope(deadline=anyio.current_time() + self._timeout)
-            self._scope.__enter__()
+            self._scope = scope = self._open_scope(self._timeout)
+            scope.__enter__()
+
+    @staticmethod
+    def _open_scope(timeout: float) -> CancelScope:
+        """A cancel scope whose deadline is ``timeout`` from now (a runtime's own, in subclasses)."""
+        return anyio.CancelScope(deadline=anyio.current_time() + timeout)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
