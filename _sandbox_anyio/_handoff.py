@@ -34,6 +34,7 @@ from ._transport import (
     PING_TIMEOUT,
     USER_AGENT,
     HandshakeRefused,
+    Inbox,
     Receiver,
     Spawn,
     TransportClosed,
@@ -41,26 +42,19 @@ from ._transport import (
 )
 
 
-class Handoff:
-    """What one connection received, on its way to the driver.
+class Handoff(Inbox):
+    """websockets' frames of one connection, assembled into messages for the driver."""
 
-    Until :meth:`start` (the driver is not ready before ``connect`` returns)
-    messages and the end are held, then delivered in order.
-    """
-
-    __slots__ = ("_binary", "_fragments", "_held", "_lost", "_over", "_protocol", "failed", "receiver")
+    __slots__ = ("_binary", "_fragments", "_protocol", "failed")
 
     def __init__(self, protocol: WebsocketsProtocol) -> None:
+        super().__init__()
         self._protocol = protocol
         #: A text message was not UTF-8: the connection failed (1007) and must hang up.
         self.failed = False
-        self.receiver: Receiver | None = None
-        self._held: list[str | bytes] = []
-        self._lost: tuple[int, str] | None = None
         #: Frames of a fragmented message so far (empty when none is in progress).
         self._fragments: list[bytes] = []
         self._binary = False
-        self._over = False
 
     def take(self, frame: Frame) -> bool:
         """Assemble ``frame`` if it carries data; ``False`` for control frames.
@@ -104,25 +98,12 @@ class Handoff:
         """The connection is over, with websockets' account of why (reported once)."""
         if self._over:
             return
-        self._over = True
         if exc.rcvd is not None:
-            info = exc.rcvd.code, exc.rcvd.reason
+            self._report_end(exc.rcvd.code, exc.rcvd.reason)
         elif exc.sent is not None and exc.sent.code != 1000:
-            info = exc.sent.code, exc.sent.reason  # ours, e.g. a keepalive timeout (1011)
+            self._report_end(exc.sent.code, exc.sent.reason)  # ours, e.g. a keepalive timeout (1011)
         else:
-            info = 1006, ""
-        if self.receiver is not None:
-            self.receiver.connection_lost(*info)
-        else:
-            self._lost = info
-
-    def start(self, receiver: Receiver) -> None:
-        held, self._held = self._held, []
-        for message in held:
-            receiver.message_received(message)
-        self.receiver = receiver
-        if self._lost is not None:
-            receiver.connection_lost(*self._lost)
+            self._report_end(1006, "")
 
 
 @functools.cache

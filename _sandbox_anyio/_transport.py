@@ -80,6 +80,41 @@ class Receiver(Protocol):
         ...
 
 
+class Inbox:
+    """What one connection received, on its way to the driver.
+
+    Until :meth:`start` (the driver is not ready before ``connect`` returns)
+    messages and the end are held, then delivered in order. Subclasses hand a
+    message to :attr:`receiver` when it is set, else append it to ``_held``
+    (inline: it is the path of every message), and report the end once with
+    :meth:`_report_end`.
+    """
+
+    __slots__ = ("_held", "_lost", "_over", "receiver")
+
+    def __init__(self) -> None:
+        self.receiver: Receiver | None = None
+        self._held: list[str | bytes] = []
+        self._lost: tuple[int, str] | None = None
+        #: The end was reported (or held): nothing more is delivered.
+        self._over = False
+
+    def _report_end(self, code: int, reason: str) -> None:
+        self._over = True
+        if self.receiver is not None:
+            self.receiver.connection_lost(code, reason)
+        else:
+            self._lost = code, reason
+
+    def start(self, receiver: Receiver) -> None:
+        held, self._held = self._held, []
+        for message in held:
+            receiver.message_received(message)
+        self.receiver = receiver
+        if self._lost is not None:
+            receiver.connection_lost(*self._lost)
+
+
 class Transport(Protocol):
     """One WebSocket connection at a time; the driver makes a new connect for a reconnect.
 

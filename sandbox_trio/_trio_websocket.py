@@ -37,7 +37,7 @@ from _sandbox_anyio import (
     TransportClosed,
     default_ssl_context,
 )
-from _sandbox_anyio._transport import ReadingGate
+from _sandbox_anyio._transport import Inbox, ReadingGate
 from sandbox_proto import RedactingFilter, SandboxConnectionError, redact
 
 from ._runtime import TRIO
@@ -47,7 +47,7 @@ logging.getLogger("trio-websocket").addFilter(RedactingFilter())
 logger = logging.getLogger("sandbox_trio")
 
 
-class _Delivery:
+class _Delivery(Inbox):
     """Stands in for both ends of trio-websocket's message channel: messages go straight to the driver.
 
     trio-websocket's reading task ``send``s each message here and closes it once
@@ -56,15 +56,12 @@ class _Delivery:
     Until :meth:`start` messages and the end are held.
     """
 
-    __slots__ = ("_held", "_lost", "_over", "_reading", "_ws", "receiver")
+    __slots__ = ("_reading", "_ws")
 
     def __init__(self, reading: ReadingGate) -> None:
+        super().__init__()
         self._reading = reading
         self._ws: WebSocketConnection | None = None
-        self.receiver: Receiver | None = None
-        self._held: list[str | bytes] = []
-        self._lost: tuple[int, str] | None = None
-        self._over = False
 
     async def send(self, message: str | bytes) -> None:
         if self._over:
@@ -80,13 +77,11 @@ class _Delivery:
     async def aclose(self) -> None:
         if self._over:
             return
-        self._over = True
         reason = None if self._ws is None else self._ws.closed
-        info = (1006, "") if reason is None else (reason.code, reason.reason or "")
-        if self.receiver is not None:
-            self.receiver.connection_lost(*info)
+        if reason is None:
+            self._report_end(1006, "")
         else:
-            self._lost = info
+            self._report_end(reason.code, reason.reason or "")
 
     async def __aenter__(self) -> _Delivery:
         return self
@@ -95,14 +90,6 @@ class _Delivery:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.aclose()
-
-    def start(self, receiver: Receiver) -> None:
-        held, self._held = self._held, []
-        for message in held:
-            receiver.message_received(message)
-        self.receiver = receiver
-        if self._lost is not None:
-            receiver.connection_lost(*self._lost)
 
 
 class _Connection(WebSocketConnection):
