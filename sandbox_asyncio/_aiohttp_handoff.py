@@ -136,6 +136,7 @@ class Handoff:
         except StopIteration as done:
             message: WSMessage = done.value
             return message
+        read.close()  # suspended on a wait of its own: not to be resumed by anyone
         raise AssertionError("aiohttp's queue waited with a message in it")
 
 
